@@ -1,0 +1,240 @@
+"""vitcl run | resume | eval | report | params | datasets | presets."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from .errors import VitclError
+
+DEFAULT_PRESET = "replay/digits-b0inc2"  # `vitcl run` with no argument: the embedded demo
+
+
+def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
+    sources = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
+    return sources, overrides
+
+
+def _run_dir(cfg, sources: list[str]) -> Path:
+    name = cfg.run.name
+    if not name:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(Path(s).stem if s.endswith(".yaml") else s
+                                                         for s in sources)).strip("-")
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.run.out_dir) / name
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .engine import distributed as dist
+    from .engine.trainer import Trainer, save_config
+
+    sources, overrides = _split_args(args.items)
+    sources = sources or [DEFAULT_PRESET]
+    cfg, raw = load_config(sources, overrides)
+    run_dir = _run_dir(cfg, sources)
+    run_dir = Path(dist.broadcast_object(str(run_dir))) if dist.world_size() > 1 else run_dir
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        raise VitclError(f"{run_dir}: a run already lives there; `vitcl resume {run_dir}` continues it, "
+                         f"or choose another run.name")
+    trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+    run_dir = trainer.run_dir
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_dir, raw, cfg, sources, overrides)
+        print(f"run folder: {run_dir}", file=sys.stderr)
+        print(f"{cfg.method.name} · {cfg.model.name} · {cfg.data.dataset if not cfg.data.datasets else cfg.data.datasets}"
+              f" · {trainer.scenario.describe()} · device {trainer.device}"
+              + (f" × {trainer.world}" if trainer.world > 1 else ""), file=sys.stderr)
+    return _fit_and_report(trainer, None)
+
+
+def _fit_and_report(trainer, optimizer_state) -> int:
+    from .engine import distributed as dist
+    from .engine.trainer import write_results
+    from .eval.plots import write_plots
+    from .eval.report import summary_table
+
+    try:
+        results = trainer.fit(optimizer_state)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; `vitcl resume {trainer.run_dir}` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    if dist.is_main():
+        write_results(trainer.run_dir, results)
+        write_plots(results, trainer.run_dir / "plots")
+        print(summary_table(results))
+        print(f"\nresults: {trainer.run_dir / 'results.json'}")
+    dist.shutdown()
+    return 0
+
+
+def _load_run(run_dir: Path):
+    import yaml
+
+    from .config import from_dict
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise VitclError(f"{path}: not found; expected a run folder made by `vitcl run`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise VitclError(f"{path}: corrupt YAML") from None
+    if not isinstance(raw, dict):
+        raise VitclError(f"{path}: expected a mapping")
+    raw.pop("sources", None)
+    raw.pop("overrides", None)
+    return from_dict(raw)
+
+
+def cmd_resume(args) -> int:
+    from .engine import checkpoint
+    from .engine.trainer import Trainer
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run(run_dir)
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+    optimizer_state = trainer.restore(ckpt)
+    s = trainer.state
+    print(f"resuming {run_dir} at task {s.task + 1}/{len(trainer.scenario)}, phase {s.phase + 1}, epoch {s.epoch}",
+          file=sys.stderr)
+    return _fit_and_report(trainer, optimizer_state)
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .engine import checkpoint
+    from .engine.trainer import Trainer
+    from .eval.report import build_results, summary_table
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run(run_dir)
+    stored = sorted((run_dir / "checkpoints").glob("task_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not stored:
+        raise VitclError(f"{run_dir / 'checkpoints'}: no task checkpoints (task_N.pt) to evaluate")
+    trainer = Trainer(cfg, run_dir, progress=False)
+    evals, tasks = [], []
+    for path in stored:
+        ckpt = checkpoint.load(path)
+        trainer.method = type(trainer.method)(cfg, trainer.scenario, trainer.device)
+        trainer.restore(ckpt)
+        t = int(path.stem.split("_")[1])
+        with torch.no_grad():
+            evals.append(trainer.evaluate(t))
+        tasks.append(ckpt["progress"]["tasks"][t])
+        print(f"evaluated {path.name}", file=sys.stderr)
+    results = build_results(cfg, trainer.scenario, evals, tasks, trainer.method)
+    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    print(summary_table(results))
+    print(f"\nre-evaluation: {run_dir / 'eval.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import comparison_table
+
+    print(comparison_table([Path(d) for d in args.run_dirs]))
+    return 0
+
+
+def cmd_params(args) -> int:
+    from .config import load_config
+    from .data.build import build_scenario
+    from .methods import METHODS
+
+    import torch
+
+    sources, overrides = _split_args(args.items)
+    cfg, _ = load_config(sources or [DEFAULT_PRESET], overrides)
+    scenario = build_scenario(cfg.data, shapes_only=True)
+    method = METHODS.get(cfg.method.name)(cfg, scenario, torch.device("cpu"))
+    rows = []
+    for task in scenario:
+        method.begin_task(task)
+        for phase in method.phases(task)[:1]:
+            method.setup_phase(phase, task)
+        c = method.count_parameters()
+        rows.append({"task": task.index, "classes_seen": task.end, "total": c.total, "trainable": c.trainable})
+    base = rows[0]["total"]
+    for r in rows:
+        r["growth"] = r["total"] - base
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{cfg.method.name} · {cfg.model.name} · {scenario.describe()}")
+    print(f"{'task':>5} {'classes':>8} {'total':>14} {'(M)':>7} {'trainable':>14} {'growth':>12}")
+    for r in rows:
+        print(f"{r['task'] + 1:>5} {r['classes_seen']:>8} {r['total']:>14,.0f} {int(r['total'] / 1e4) / 100:>7.2f} "
+              f"{r['trainable']:>14,.0f} {r['growth']:>+12,.0f}")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data.sources import SOURCES, get_source
+
+    for name in SOURCES.names():
+        src = get_source(name)
+        found = src.locate(args.data_root)
+        where = ", ".join(str(p) for p in src.search_paths(args.data_root)) if hasattr(src, "search_paths") else ""
+        status = f"found: {found}" if found else f"missing (looks in {where})"
+        print(f"{name:<16} {src.num_classes:>5} classes  {status}")
+        if not found and src.how_to_get:
+            print(f"{'':<16} {src.how_to_get}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import preset_names
+
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitcl", description="Continual learning with vision transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train a run: PRESET|FILE.yaml ... key.sub=value ...")
+    r.add_argument("items", nargs="*", help=f"presets or YAML files, then overrides (default: {DEFAULT_PRESET})")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.set_defaults(fn=cmd_run)
+    r = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    r.add_argument("run_dir")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(fn=cmd_resume)
+    r = sub.add_parser("eval", help="re-evaluate the saved task checkpoints of a run")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=cmd_eval)
+    r = sub.add_parser("report", help="Markdown table comparing runs")
+    r.add_argument("run_dirs", nargs="+")
+    r.set_defaults(fn=cmd_report)
+    r = sub.add_parser("params", help="parameter count after each task, without training")
+    r.add_argument("items", nargs="*")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_params)
+    r = sub.add_parser("datasets", help="list data sources and whether their files are found")
+    r.add_argument("--data-root", default=None)
+    r.set_defaults(fn=cmd_datasets)
+    r = sub.add_parser("presets", help="list the preset configs")
+    r.set_defaults(fn=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except VitclError as exc:
+        print(f"vitcl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

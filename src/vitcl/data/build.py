@@ -1,0 +1,100 @@
+"""From the data config to a Scenario: load sources, bring images to one shape, order and split classes."""
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from .dataset import ImageSet, fit_images, per_class_head
+from .orders import resolve_class_order
+from .scenario import Scenario, check_class_order, make_increments
+from .sources import get_source
+
+
+def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:
+    """The scenario of a data config. shapes_only: no files are read (image sets are empty but shaped), enough
+    to build models and count parameters."""
+    if cfg.datasets:
+        return _dataset_sequence(cfg, shapes_only)
+    source = get_source(cfg.dataset)
+    train, test = _load_pair(source, cfg, shapes_only)
+    size = cfg.image_size or source.image_size
+    channels = cfg.channels or source.channels
+    train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
+    n = source.num_classes
+    order = resolve_class_order(cfg.class_order, n, cfg.class_order_seed)
+    check_class_order(order, n)
+    increments = make_increments(len(order), cfg.initial_increment, cfg.increment)
+    names = train.class_names or [str(c) for c in range(n)]
+    scenario = Scenario(train, test, order, increments, cfg.setting, [names[c] for c in order])
+    scenario.mean, scenario.std = _stats(source, channels)
+    return scenario
+
+
+def _dataset_sequence(cfg: DataConfig, shapes_only: bool) -> Scenario:
+    """Each dataset is one task; its labels are shifted past the previous datasets' classes."""
+    if cfg.class_order is not None:
+        raise ConfigError("data.class_order: not used with data.datasets (each dataset is one task, in order)")
+    sources = [get_source(name, f"data.datasets[{i}]") for i, name in enumerate(cfg.datasets)]
+    size = cfg.image_size or max(s.image_size for s in sources)
+    channels = cfg.channels or max(s.channels for s in sources)
+    trains, tests, names, shift = [], [], [], 0
+    for s in sources:
+        train, test = _load_pair(s, cfg, shapes_only)
+        train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
+        trains.append(_shift(train, shift))
+        tests.append(_shift(test, shift))
+        names += [f"{s.name}:{c}" for c in (train.class_names or range(s.num_classes))]
+        shift += s.num_classes
+    train, test = _concat(trains), _concat(tests)
+    scenario = Scenario(train, test, list(range(shift)), [s.num_classes for s in sources], cfg.setting, names,
+                        [s.name for s in sources])
+    scenario.mean, scenario.std = (0.5,) * channels, (0.5,) * channels  # no single source's statistics apply
+    return scenario
+
+
+def _stats(source, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(source.mean), tuple(source.std)
+    if len(mean) == channels:
+        return mean, std
+    return (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+
+
+def _load_pair(source, cfg: DataConfig, shapes_only: bool = False) -> tuple[ImageSet, ImageSet]:
+    if shapes_only:
+        empty = ImageSet(torch.empty(0, dtype=torch.long),
+                         torch.empty(0, source.channels, source.image_size, source.image_size, dtype=torch.uint8))
+        return empty, empty
+    train = source.load(cfg.root, train=True, download=cfg.download)
+    test = source.load(cfg.root, train=False, download=cfg.download)
+    if cfg.train_per_class:
+        train = train.subset(per_class_head(train.targets, cfg.train_per_class))
+    if cfg.test_per_class:
+        test = test.subset(per_class_head(test.targets, cfg.test_per_class))
+    return train, test
+
+
+def _fit(images: ImageSet, size: int, channels: int, mode: str) -> ImageSet:
+    if not images.in_memory:
+        images.image_size, images.channels = size, channels  # lazy readers fit each image as they decode it
+        return images
+    return ImageSet(images.targets, fit_images(images.images, size, channels, mode), class_names=images.class_names)
+
+
+def _shift(images: ImageSet, shift: int) -> ImageSet:
+    return ImageSet(images.targets + shift, images.images, images.read, images.class_names, images.image_size,
+                    images.channels)
+
+
+def _concat(sets: list[ImageSet]) -> ImageSet:
+    targets = torch.cat([s.targets for s in sets])
+    if all(s.in_memory for s in sets):
+        return ImageSet(targets, torch.cat([s.images for s in sets]))
+    bounds = torch.tensor([0] + [len(s) for s in sets]).cumsum(0)
+    readers = [s.read if not s.in_memory else (lambda i, s=s: s.images[i]) for s in sets]
+
+    def read(i: int) -> torch.Tensor:
+        k = int(torch.searchsorted(bounds, torch.tensor(i), right=True)) - 1
+        return readers[k](i - int(bounds[k]))
+
+    return ImageSet(targets, None, read, image_size=sets[0].image_size, channels=sets[0].channels)

@@ -1,0 +1,82 @@
+"""Image sets: uint8 tensors in memory, or a lazy reader that decodes files on demand (large datasets)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageSet:
+    """Images (N, C, H, W) uint8 in memory, or `read(i)` -> (C, H, W) uint8 for lazy sets; targets (N,) int64."""
+
+    targets: torch.Tensor
+    images: torch.Tensor | None = None
+    read: Callable[[int], torch.Tensor] | None = None
+    class_names: list[str] = field(default_factory=list)
+    image_size: int = 0
+    channels: int = 0
+
+    def __post_init__(self):
+        if self.images is None and self.read is None:
+            raise ValueError("an ImageSet needs images or a read function")
+        if self.images is not None:
+            if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+                raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            if len(self.images) != len(self.targets):
+                raise ValueError(f"{len(self.images)} images but {len(self.targets)} targets")
+            self.channels, self.image_size = self.images.shape[1], self.images.shape[-1]
+        self.targets = self.targets.long()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else int(self.targets.max()) + 1
+
+    def subset(self, keep: torch.Tensor) -> "ImageSet":
+        """Rows `keep` of this set (in memory), or a lazy view of them."""
+        keep = keep.long()
+        if self.in_memory:
+            return ImageSet(self.targets[keep], self.images[keep], None, self.class_names)
+        read, idx = self.read, keep.tolist()
+        return ImageSet(self.targets[keep], None, lambda i: read(idx[i]), self.class_names, self.image_size, self.channels)
+
+
+def fit_images(images: torch.Tensor, size: int, channels: int, mode: str = "resize") -> torch.Tensor:
+    """Bring uint8 images to (channels, size, size): grey <-> RGB, then zero-pad (centred) or resize."""
+    if images.shape[1] != channels:
+        if channels == 3 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        elif channels == 1 and images.shape[1] == 3:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        else:
+            raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images.contiguous()
+    if mode == "pad" and h <= size and w <= size:
+        top, left = (size - h) // 2, (size - w) // 2
+        return F.pad(images, (left, size - w - left, top, size - h - top)).contiguous()
+    out = []
+    for chunk in images.split(4096):  # bounded memory for large sets
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def per_class_head(targets: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the first n samples of every class, in dataset order (a deterministic subset)."""
+    order = torch.argsort(targets, stable=True)
+    sorted_t = targets[order]
+    starts = torch.searchsorted(sorted_t, sorted_t, right=False)
+    rank = torch.arange(len(targets)) - starts
+    return order[rank < n].sort().values

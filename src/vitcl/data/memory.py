@@ -1,0 +1,171 @@
+"""Rehearsal memory: a budget, a selection rule, and the stored indices (never image copies).
+
+The budget says how many exemplars each seen class keeps; the selector orders a class's candidates. Old classes
+shrink to their first m exemplars in selection order. Selection is deterministic and runs on the device, so
+every DDP rank that sees the same features holds the same memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+
+# --------------------------------------------------------------------------------------------- budgets
+class FixedTotal:
+    """A total of `size` exemplars split evenly over the seen classes (iCaRL, DyTox)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def per_class(self, n_seen: int) -> int:
+        return self.size // max(n_seen, 1)
+
+
+class FixedPerClass:
+    def __init__(self, m: int):
+        self.m = m
+
+    def per_class(self, n_seen: int) -> int:
+        return self.m
+
+
+def make_budget(size: int, per_class: int):
+    if size and per_class:
+        raise ConfigError("memory.per_class: give either memory.size or memory.per_class, not both")
+    return FixedPerClass(per_class) if per_class else FixedTotal(size)
+
+
+# --------------------------------------------------------------------------------------------- selectors
+SELECTORS: Registry = Registry("memory selection")
+
+
+class Selector:
+    """Orders candidates of each class: `select(features, classes, k)` -> list of index tensors (best first).
+
+    features: (n, d) float on any device, or None when the rule needs none; classes: (n,) labels of the rows.
+    needs: what the memory must extract for it: 'embedding', 'scores' (per-sample confidence), or None.
+    """
+
+    needs: str | None = "embedding"
+
+    def select(self, features: torch.Tensor | None, classes: torch.Tensor, k: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+@SELECTORS.register("random")
+class RandomSelector(Selector):
+    """A seeded random subset per class; the seed mixes in the class so classes are independent."""
+
+    needs = None
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def select(self, features, classes, k):
+        out = []
+        for c in classes.unique(sorted=True).tolist():
+            rows = (classes == c).nonzero().flatten().cpu()
+            g = torch.Generator().manual_seed(self.seed * 100_003 + c)
+            out.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+        return out
+
+
+@SELECTORS.register("herding")
+class HerdingSelector(Selector):
+    """iCaRL herding on L2-normalised features, all classes at once: (C, n_max, d) padded on the device."""
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def select(self, features, classes, k):
+        labels = classes.unique(sorted=True)
+        rows = [(classes == c).nonzero().flatten() for c in labels.tolist()]
+        n_max, C = max(len(r) for r in rows), len(rows)
+        feats = F.normalize(features.float(), dim=1)
+        padded = feats.new_zeros(C, n_max, feats.shape[1])
+        valid = torch.zeros(C, n_max, dtype=torch.bool, device=feats.device)
+        for i, r in enumerate(rows):
+            padded[i, : len(r)] = feats[r.to(feats.device)]
+            valid[i, : len(r)] = True
+        return [rows[i].cpu()[sel] for i, sel in enumerate(herding(padded, valid, k))]
+
+
+def herding(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """feats (C, n, d), valid (C, n). Step j picks, per class, the unpicked sample whose addition brings the
+    running mean of picks closest to the class mean. Returns per class the picked positions in order."""
+    C, n, d = feats.shape
+    counts = valid.sum(1)
+    mu = (feats * valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
+    running = feats.new_zeros(C, d)
+    available = valid.clone()
+    picks = torch.full((C, min(k, n)), -1, dtype=torch.long, device=feats.device)
+    for j in range(min(k, n)):
+        candidate_mean = (running[:, None, :] + feats) / (j + 1)  # (C, n, d)
+        dist = (mu[:, None, :] - candidate_mean).norm(dim=2)
+        dist = dist.masked_fill(~available, float("inf"))
+        best = dist.argmin(1)
+        live = available.any(1)
+        picks[:, j] = torch.where(live, best, torch.full_like(best, -1))
+        running = running + torch.where(live[:, None], feats[torch.arange(C), best], torch.zeros_like(running))
+        available[torch.arange(C)[live], best[live]] = False
+    return [p[p >= 0].cpu() for p in picks]
+
+
+def make_selector(name: str, seed: int = 0) -> Selector:
+    return SELECTORS.get(name, "memory.selection")(seed=seed)
+
+
+# --------------------------------------------------------------------------------------------- memory
+class Memory:
+    """Exemplar indices per class (ordered best first) plus optional per-exemplar tensors (`extras`)."""
+
+    def __init__(self, budget, selector: Selector):
+        self.budget = budget
+        self.selector = selector
+        self.exemplars: dict[int, torch.Tensor] = {}
+        self.extras: dict[str, dict[int, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.exemplars.values())
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget.per_class(1) > 0
+
+    def indices(self) -> torch.Tensor:
+        if not self.exemplars:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([self.exemplars[c] for c in sorted(self.exemplars)])
+
+    def extra(self, name: str) -> torch.Tensor:
+        """The stored tensors `name`, row-aligned with indices()."""
+        return torch.cat([self.extras[name][c] for c in sorted(self.exemplars)])
+
+    def shrink(self, m: int) -> None:
+        for c in self.exemplars:
+            self.exemplars[c] = self.exemplars[c][:m]
+            for store in self.extras.values():
+                store[c] = store[c][:m]
+
+    def add(self, candidates: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None, n_seen: int,
+            extras: dict[str, torch.Tensor] | None = None) -> None:
+        """Shrink old classes to the new per-class budget, then select new classes among `candidates`."""
+        m = self.budget.per_class(n_seen)
+        self.shrink(m)
+        if m == 0 or len(candidates) == 0:
+            return
+        chosen = self.selector.select(features, labels, m)
+        for c, rows in zip(labels.unique(sorted=True).tolist(), chosen):
+            self.exemplars[c] = candidates[rows].clone()
+            for name, values in (extras or {}).items():
+                self.extras.setdefault(name, {})[c] = values[rows.to(values.device)].detach().cpu().clone()
+
+    def state_dict(self) -> dict:
+        return {"exemplars": dict(self.exemplars), "extras": {k: dict(v) for k, v in self.extras.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exemplars = dict(state["exemplars"])
+        self.extras = {k: dict(v) for k, v in state["extras"].items()}

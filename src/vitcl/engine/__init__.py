@@ -1,0 +1,1 @@
+"""The engine: the one training loop, data streaming, optimisers and schedules, checkpoints, DDP."""

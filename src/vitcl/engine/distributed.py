@@ -1,0 +1,84 @@
+"""torchrun support: process group from the environment, gradient averaging, gathers. All no-ops on 1 process."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(device: torch.device) -> tuple[int, int]:
+    """Start the process group when launched by torchrun; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return rank(), world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = None) -> float:
+    """Average .grad over ranks in one flat bucket (methods may run several forwards, so no DDP wrapper);
+    `extra` (a scalar, e.g. the step loss) rides along and is returned averaged. Missing grads count as 0."""
+    extra = torch.zeros((), dtype=torch.float64) if extra is None else extra.detach().double().cpu()
+    if not dist.is_initialized():
+        return float(extra)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    device = params[0].device if params else torch.device("cpu")
+    flat = torch.cat([p.grad.flatten().float() for p in params] + [extra.float().view(1).to(device)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    return float(flat[-1])
+
+
+def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every rank's rows (rank order); counts[r] is the number of rows rank r holds."""
+    if not dist.is_initialized():
+        return t
+    n_max = max(counts)
+    padded = t.new_zeros((n_max,) + tuple(t.shape[1:]))
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

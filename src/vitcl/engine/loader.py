@@ -1,0 +1,75 @@
+"""Batches of uint8 images on the device. In-memory sets are indexed directly (no workers, no per-image
+transforms); lazy sets decode in DataLoader workers. Augmentation happens afterwards, batched, on the device.
+
+Each epoch's order comes from a generator seeded by (seed, task, phase, epoch), identical on every rank; rank r
+takes its share of every global batch, so 1 and N processes see the same global batches.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.dataset import ImageSet, fit_images
+
+
+def epoch_order(n: int, seed: int, shuffle: bool, repeats: int = 1) -> torch.Tensor:
+    """Positions 0..n-1 for one epoch; with repeats > 1 each appears `repeats` times (repeated augmentation),
+    a fresh permutation every epoch."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.arange(n).repeat_interleave(repeats) if repeats > 1 else torch.arange(n)
+    return base[torch.randperm(len(base), generator=g)] if shuffle else base
+
+
+def global_batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
+    batches = list(order.split(batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def rank_share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Contiguous share of a global batch (the last rank's may be shorter; it may be empty)."""
+    per = -(-len(batch) // world)
+    return batch[rank * per: (rank + 1) * per]
+
+
+class _Lazy(Dataset):
+    def __init__(self, images: ImageSet):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images.read(i)
+        return fit_images(img[None], self.images.image_size, self.images.channels)[0]
+
+
+class BatchStream:
+    """Yields (uint8 images on device, dataset indices) for given index batches of an ImageSet."""
+
+    def __init__(self, images: ImageSet, device: torch.device, num_workers: int = 2):
+        self.images, self.device, self.num_workers = images, device, num_workers
+        self._on_device = None
+
+    def _resident(self) -> torch.Tensor:
+        # small sets live on the device once; larger ones are copied per batch from pinned host memory
+        if self._on_device is None:
+            nbytes = self.images.images.numel()
+            on_gpu = self.device.type == "cuda" and nbytes < 2 * 1024**3
+            self._on_device = self.images.images.to(self.device) if on_gpu else self.images.images
+        return self._on_device
+
+    def __call__(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.images.in_memory:
+            data = self._resident()
+            for idx in batches:
+                yield data[idx.to(data.device)].to(self.device, non_blocking=True), idx
+            return
+        loader = DataLoader(_Lazy(self.images), batch_sampler=[b.tolist() for b in batches],
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        for idx, x in zip(batches, loader):
+            yield x.to(self.device, non_blocking=True), idx

@@ -1,0 +1,1 @@
+"""Evaluation: the one accuracy pass, metrics, reports and plots."""

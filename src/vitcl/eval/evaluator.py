@@ -1,0 +1,90 @@
+"""The evaluation pass. Methods give logits; accuracy is computed here only.
+
+One forward pass per test batch yields class-IL top-1/top-k (argmax over all seen classes) and task-IL top-1
+(argmax within the sample's own task's classes) for every seen task. Task-conditioned methods (one set of
+parameters per task) are run once per task with its id and are scored task-IL only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.augment import BatchAugment
+from ..engine.distributed import all_reduce_sum, rank, world_size
+from ..engine.loader import BatchStream, rank_share
+
+
+@dataclass
+class EvalResult:
+    task: int  # the last task trained
+    class_il: list[float] = field(default_factory=list)  # per seen task
+    class_il_topk: list[float] = field(default_factory=list)
+    task_il: list[float] = field(default_factory=list)
+    seen_class_il: float = math.nan  # over all seen test samples
+    seen_class_il_topk: float = math.nan
+    seen_task_il: float = math.nan
+    n_test: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@torch.no_grad()
+def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchStream, batch_size: int,
+             top_k: int = 5, autocast=None) -> EvalResult:
+    model = method.model
+    was_training = model.training
+    model.eval()
+    T = upto + 1
+    # counts[j] = (n, class-IL top-1, class-IL top-k, task-IL top-1)
+    counts = torch.zeros(T, 4, dtype=torch.float64)
+    seen = scenario.seen_classes(upto)
+    k = min(top_k, seen)
+    tasks_of = scenario.task_of_label
+    test_labels = scenario.test_labels
+    idx_all = torch.cat([scenario[t].test_idx for t in range(T)])
+    batches = [rank_share(b, rank(), world_size()) for b in idx_all.split(batch_size)]
+    conditioned = method.task_conditioned
+    for x_u8, idx in stream([b for b in batches if len(b)]):
+        x = augment.test(x_u8)
+        y = test_labels[idx].to(x.device)
+        t = tasks_of[y.cpu()].to(x.device)
+        if conditioned:
+            for tt in t.unique().tolist():
+                sel = t == tt
+                with autocast():
+                    logits = method.logits(x[sel], task=tt).float()
+                pred = logits.argmax(1) + scenario[tt].offset
+                counts[tt, 0] += sel.sum().item()
+                counts[tt, 3] += (pred == y[sel]).sum().item()
+            continue
+        with autocast():
+            logits = method.logits(x).float()
+        assert logits.shape[1] == seen, f"{method.name}: logits cover {logits.shape[1]} classes, {seen} are seen"
+        top = logits.topk(k, dim=1).indices
+        hit1 = top[:, 0] == y
+        hitk = (top == y[:, None]).any(1)
+        cols = torch.arange(seen, device=x.device)[None]
+        lo = torch.tensor([scenario[i].offset for i in range(T)], device=x.device)[t][:, None]
+        hi = torch.tensor([scenario[i].end for i in range(T)], device=x.device)[t][:, None]
+        in_task = (cols >= lo) & (cols < hi)
+        til = logits.masked_fill(~in_task, float("-inf")).argmax(1) == y
+        per_task = torch.stack([torch.ones_like(hit1), hit1, hitk, til], 1).double().cpu()
+        counts.index_add_(0, t.cpu(), per_task)
+    all_reduce_sum(counts)
+    model.train(was_training)
+    n = counts[:, 0].clamp(min=1)
+    res = EvalResult(task=upto, n_test=counts[:, 0].long().tolist())
+    res.task_il = (100 * counts[:, 3] / n).tolist()
+    res.seen_task_il = float(100 * counts[:, 3].sum() / n.sum())
+    if conditioned:
+        res.class_il = [math.nan] * T
+        res.class_il_topk = [math.nan] * T
+    else:
+        res.class_il = (100 * counts[:, 1] / n).tolist()
+        res.class_il_topk = (100 * counts[:, 2] / n).tolist()
+        res.seen_class_il = float(100 * counts[:, 1].sum() / n.sum())
+        res.seen_class_il_topk = float(100 * counts[:, 2].sum() / n.sum())
+    return res

@@ -1,0 +1,93 @@
+"""results.json, the end-of-run summary table, and the Markdown comparison of several runs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import VitclError
+from .metrics import summarize
+
+
+def _matrix(evals: list[dict], key: str) -> list[list[float]]:
+    T = len(evals)
+    return [[e[key][j] if j < len(e[key]) else math.nan for j in range(T)] for e in evals]
+
+
+def build_results(cfg, scenario, evals: list[dict], tasks: list[dict], method) -> dict:
+    out = {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset if not cfg.data.datasets else "+".join(cfg.data.datasets),
+        "scenario": scenario.describe(),
+        "increments": scenario.increments,
+        "tasks_done": len(evals),
+        "num_tasks": len(scenario),
+        "tasks": tasks,
+    }
+    for name, key, seen_key in (("class_il", "class_il", "seen_class_il"), ("task_il", "task_il", "seen_task_il")):
+        acc = _matrix(evals, key)
+        seen = [e[seen_key] for e in evals]
+        if any(math.isnan(v) for v in seen):
+            out[name] = None
+            continue
+        out[name] = {"acc_matrix": acc, "seen_acc": seen, **summarize(acc, seen)}
+    if out["class_il"] is not None:
+        out["class_il"]["topk_matrix"] = _matrix(evals, "class_il_topk")
+        out["class_il"]["seen_topk"] = [e["seen_class_il_topk"] for e in evals]
+        out["class_il"]["avg_incremental_topk"] = sum(out["class_il"]["seen_topk"]) / max(len(evals), 1)
+    if tasks:
+        first = tasks[0]["params"]
+        out["params"] = {"per_task": [t["params"] for t in tasks], "final": tasks[-1]["params"],
+                         "growth_per_task": [t["params"] - first for t in tasks]}
+    return out
+
+
+def _fmt(v, digits=2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def summary_table(results: dict) -> str:
+    """Per-task accuracy after each step, then the summary metrics."""
+    lines = [f"{results['method']} on {results['dataset']}: {results['scenario']}"]
+    cil, til = results.get("class_il"), results.get("task_il")
+    header = f"{'after task':>10} | {'class-IL':>9} | {'task-IL':>8} | {'params':>12} | {'time':>8}"
+    lines += [header, "-" * len(header)]
+    for i, t in enumerate(results["tasks"]):
+        c = cil["seen_acc"][i] if cil else None
+        k = til["seen_acc"][i] if til else None
+        lines.append(f"{i + 1:>10} | {_fmt(c):>9} | {_fmt(k):>8} | {int(t['params']):>12,} | {t['seconds']:>7.1f}s")
+    lines.append("")
+    lines.append(f"{'':>22}{'class-IL':>10}{'task-IL':>10}")
+    for key, label in (("avg_incremental", "avg incremental acc"), ("last", "last acc"),
+                       ("forgetting", "forgetting"), ("bwt", "BWT")):
+        lines.append(f"{label:>22}{_fmt(cil[key] if cil else None):>10}{_fmt(til[key] if til else None):>10}")
+    if cil and results["tasks_done"]:
+        lines.append(f"{'last top-5 acc':>22}{_fmt(cil['seen_topk'][-1]):>10}")
+    return "\n".join(lines)
+
+
+def load_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        raise VitclError(f"{path}: no results (is {run_dir} a vitcl run folder that finished a task?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VitclError(f"{path}: corrupt results file ({exc.msg} at line {exc.lineno})") from None
+
+
+def comparison_table(run_dirs: list[Path]) -> str:
+    rows = ["| run | method | scenario | tasks | CIL avg | CIL last | CIL forg. | TIL avg | TIL last | TIL forg. "
+            "| #P final | time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in run_dirs:
+        r = load_results(d)
+        cil, til = r.get("class_il") or {}, r.get("task_il") or {}
+        secs = sum(t["seconds"] for t in r["tasks"])
+        params = r.get("params", {}).get("final")
+        rows.append(f"| {Path(d).name} | {r['method']} | {r['scenario']} | {r['tasks_done']}/{r['num_tasks']} "
+                    f"| {_fmt(cil.get('avg_incremental'))} | {_fmt(cil.get('last'))} | {_fmt(cil.get('forgetting'))} "
+                    f"| {_fmt(til.get('avg_incremental'))} | {_fmt(til.get('last'))} | {_fmt(til.get('forgetting'))} "
+                    f"| {f'{params / 1e6:.2f}M' if params else '-'} | {secs:.0f} |")
+    return "\n".join(rows)

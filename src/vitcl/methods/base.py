@@ -1,0 +1,188 @@
+"""The method interface. A method builds its model, grows it per task, lists its phases and gives the loss of
+a batch. The engine owns the loop, the data, the optimiser and evaluation; a method never writes a loop.
+
+Lifecycle per task t (the engine calls, in order):
+    begin_task(task)            grow the model, take a teacher, reset per-task modules (deterministic shapes)
+    for phase in phases(task):
+        [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
+        setup_phase(phase, task)    freeze / unfreeze, train / eval modes
+        loss(batch, phase, task)    per batch -> (scalar loss, {name: float} to log)
+    end_task(task)
+Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for task-conditioned methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.memory import Memory, make_budget, make_selector
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..config import Config, TrainConfig
+    from ..data.scenario import Scenario, Task
+
+METHODS: Registry = Registry("method")
+
+
+def register_method(name: str):
+    def add(cls):
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add
+
+
+@dataclass
+class Phase:
+    """One optimisation phase of a task: which data, how long, and the optimiser and schedule to use."""
+
+    name: str
+    data: str  # "task+memory" | "task" | "memory" | "seen" (every seen task's full data: joint training)
+    epochs: int
+    lr: float
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | multistep | constant
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    batch_size: int = 128
+    shuffle: bool = True
+    drop_last: bool = False
+    repeats: int = 1  # repeated augmentation: each index appears this many times per epoch
+    grad_clip: float | None = None
+
+    @classmethod
+    def from_train(cls, name: str, data: str, train: "TrainConfig", task_index: int, **changes: Any) -> "Phase":
+        """The phase the `train` section describes; the first task may have its own epochs and lr."""
+        epochs = train.first_task_epochs if task_index == 0 and train.first_task_epochs else train.epochs
+        lr = train.first_task_lr if task_index == 0 and train.first_task_lr is not None else train.lr
+        if train.lr_scale_batch:
+            lr = lr * train.batch_size / train.lr_scale_batch
+        phase = cls(name=name, data=data, epochs=epochs, lr=lr, optimizer=train.optimizer,
+                    weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
+                    schedule=train.schedule, warmup_epochs=train.warmup_epochs, warmup_lr=train.warmup_lr,
+                    min_lr=train.min_lr, milestones=list(train.milestones), gamma=train.gamma,
+                    batch_size=train.batch_size, grad_clip=train.grad_clip)
+        return replace(phase, **changes)
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # augmented, normalised images (B, C, H, W)
+    y: torch.Tensor  # labels (class-order positions)
+    task: torch.Tensor  # task index of each sample
+    index: torch.Tensor  # row in the scenario's train set (to look up memory extras)
+    soft: torch.Tensor | None = None  # MixUp/CutMix soft targets over the seen classes, when mixing is on
+    from_memory: torch.Tensor | None = None  # bool mask: sample comes from the rehearsal memory
+
+
+@dataclass
+class ParamCount:
+    total: float  # float: binary masks count 1/32 of a parameter
+    trainable: float
+
+
+@dataclass
+class MethodOptions:
+    name: str = ""
+
+
+class Method:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = MethodOptions
+    settings: ClassVar[frozenset[str]] = frozenset({"class-il", "task-il"})
+    task_conditioned: ClassVar[bool] = False  # True: inference needs the task id (task-IL only)
+    uses_memory: ClassVar[bool] = False
+
+    def __init__(self, cfg: "Config", scenario: "Scenario", device: torch.device):
+        self.cfg, self.opts, self.scenario, self.device = cfg, cfg.method, scenario, device
+        self.seen = 0  # classes seen so far, after begin_task
+        self.task_index = -1
+        self.model: nn.Module = self.build_model().to(device)
+        budget = make_budget(cfg.memory.size, cfg.memory.per_class) if self.uses_memory else make_budget(0, 0)
+        self.memory = Memory(budget, make_selector(cfg.memory.selection, cfg.run.seed))
+
+    # ------------------------------------------------------------------ to implement
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def begin_task(self, task: "Task") -> None:
+        self.task_index, self.seen = task.index, task.end
+
+    def phases(self, task: "Task") -> list[Phase]:
+        data = "task+memory" if self.uses_memory else "task"
+        return [Phase.from_train("train", data, self.cfg.train, task.index)]
+
+    def setup_phase(self, phase: Phase, task: "Task") -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.train()
+
+    def loss(self, batch: Batch, phase: Phase, task: "Task") -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.logits(batch.x)
+        loss = classification_loss(logits, batch)
+        return loss, {}
+
+    def logits(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features for memory selection (herding)."""
+        raise NotImplementedError
+
+    def update_memory(self, task: "Task", ctx) -> None:
+        """Add the task's exemplars; `ctx.extract(indices, fn)` runs fn on test-transformed images (no grad)."""
+        if not self.memory.enabled:
+            return
+        labels = self.scenario.train_labels[task.train_idx]
+        feats = None
+        if self.memory.selector.needs == "embedding":
+            feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
+        self.memory.add(task.train_idx, labels, feats, self.seen)
+
+    def end_task(self, task: "Task") -> None:
+        pass
+
+    # ------------------------------------------------------------------ state and accounting
+    def extra_state(self) -> dict:
+        """Method state beyond the model and memory (teachers, importance weights ...)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "memory": self.memory.state_dict(), "extra": self.extra_state(),
+                "task_index": self.task_index, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.memory.load_state_dict(state["memory"])
+        self.load_extra_state(state["extra"])
+        self.task_index, self.seen = state["task_index"], state["seen"]
+
+    def inference_modules(self) -> nn.Module:
+        """What the parameter count covers: the model used at test time (training-only heads excluded)."""
+        return self.model
+
+    def count_parameters(self) -> ParamCount:
+        params = list(self.inference_modules().parameters())
+        return ParamCount(float(sum(p.numel() for p in params)),
+                          float(sum(p.numel() for p in params if p.requires_grad)))
+
+
+def classification_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Softmax cross-entropy over the seen classes, on soft targets when the batch was mixed."""
+    if batch.soft is not None:
+        return torch.sum(-batch.soft * F.log_softmax(logits, dim=1), dim=1).mean()
+    return F.cross_entropy(logits, batch.y)

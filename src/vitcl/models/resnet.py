@@ -1,0 +1,103 @@
+"""ResNets of the papers' CNN baselines: ResNet-18 (CIFAR or ImageNet stem) and the CIFAR ResNet-32."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .registry import register_model
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """Layout names follow torchvision (conv1, bn1, layer1..4) so its state dicts load by key."""
+
+    def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: str = "cifar"):
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        w0 = widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, w0, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(w0)
+        self.relu = nn.ReLU(inplace=True)
+        layers, in_planes = [], w0
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            stride = 1 if i == 0 else 2
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(in_planes, w, stride if j == 0 else 1))
+                in_planes = w
+            layers.append(nn.Sequential(*stage))
+        for i, layer in enumerate(layers):
+            setattr(self, f"layer{i + 1}", layer)
+        self.num_stages = len(layers)
+        self.num_features = in_planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@dataclass
+class ResNet18Options:
+    name: str = "resnet18"
+    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + max-pool
+    width: int = 64
+
+
+@dataclass
+class ResNet32Options:
+    name: str = "resnet32"
+    width: int = 16
+
+
+@register_model("resnet18", ResNet18Options)
+def build_resnet18(opts: ResNet18Options, img_size: int, in_chans: int) -> ResNet:
+    w = opts.width
+    return ResNet([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem)
+
+
+@register_model("resnet32", ResNet32Options)
+def build_resnet32(opts: ResNet32Options, img_size: int, in_chans: int) -> ResNet:
+    w = opts.width
+    return ResNet([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar")
