@@ -1,0 +1,2 @@
+"""vitcl: continual learning with vision transformers."""
+__version__ = "0.1.0"
