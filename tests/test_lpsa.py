@@ -103,3 +103,13 @@ def test_lambda_std_is_configurable():
 def test_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         LPSA(dim=8, num_heads=2, num_patches=10)
+    with pytest.raises(ValueError, match="square"):
+        LPSA(dim=8, num_heads=2)(torch.randn(1, 10, 8))
+
+
+def test_grid_from_input_and_no_persistent_buffers():
+    torch.manual_seed(0)
+    m = LPSA(dim=8, num_heads=2)
+    assert set(m.state_dict()) == {"qk.weight", "v.weight", "proj.weight", "proj.bias", "pos_proj.weight"}
+    x = torch.randn(2, 9, 8)
+    assert torch.allclose(m(x), lpsa_reference(m, x), atol=1e-5)

@@ -53,17 +53,15 @@ def local_kernel_(weight: torch.Tensor, num_heads: int, locality_strength: float
 
 
 class LPSA(nn.Module):
-    """Locality-preserving self-attention over patch tokens (B, N, D), N = num_patches = grid^2 (no class token)."""
+    """Locality-preserving self-attention over patch tokens (B, N, D), N = grid^2 (no class token). The grid is
+    read from N at the first forward (or given as num_patches)."""
 
-    def __init__(self, dim: int, num_heads: int, num_patches: int, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, locality_strength: float = 1.0, lambda_std: float = 0.02,
-                 local_init: bool = True):
+    def __init__(self, dim: int, num_heads: int, num_patches: int | None = None, qkv_bias: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, locality_strength: float = 1.0,
+                 lambda_std: float = 0.02, use_local_init: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
-        grid = math.isqrt(num_patches)
-        if grid * grid != num_patches:
-            raise ValueError(f"LPSA needs a square grid of patches, got {num_patches} tokens")
         self.num_heads, self.head_dim, self.dim = num_heads, dim // num_heads, dim
         self.scale = self.head_dim**-0.5
         self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
@@ -72,35 +70,53 @@ class LPSA(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos_proj = nn.Linear(4, num_heads, bias=False)  # rows: (v_h[0:3], lambda_h)
-        self.locality_strength, self.lambda_std = locality_strength, lambda_std
-        self.register_buffer("rel_pos", relative_positions(grid), persistent=False)
-        self.reset_parameters(local_init)
+        self.locality_strength, self.lambda_std, self.use_local_init = locality_strength, lambda_std, use_local_init
+        # r for the grid seen last (built at the first forward when num_patches is not given)
+        self.register_buffer("rel_pos", None, persistent=False)
+        if num_patches is not None:
+            self.relative_positions(num_patches, None)
+        self.reset_parameters()
 
-    def reset_parameters(self, local_init: bool = True) -> None:
+    def relative_positions(self, n: int, device) -> torch.Tensor:
+        r = self.rel_pos
+        if r is None or r.shape[0] != n or (device is not None and r.device != device):
+            grid = math.isqrt(n)
+            if grid * grid != n:
+                raise ValueError(f"LPSA needs a square grid of patch tokens, got {n} tokens")
+            r = relative_positions(grid, device)
+            self.rel_pos = r
+        return r
+
+    def reset_parameters(self) -> None:
+        """Every Linear trunc-normal(0.02) with zero bias, then `local_init`."""
         for m in (self.qk, self.v, self.proj, self.pos_proj):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        if local_init:
-            with torch.no_grad():
-                self.v.weight.copy_(torch.eye(self.dim))
+        self.local_init()
+
+    @torch.no_grad()
+    def local_init(self) -> None:
+        """Value weights = I and ConViT's local kernel on v_h (when use_local_init), then lambda_h ~
+        trunc-normal(lambda_std). Idempotent on lambda's distribution, so an encoder may call it after its own
+        generic Linear init (as ConViT's init re-applies GPSA's local init)."""
+        if self.use_local_init:
+            self.v.weight.copy_(torch.eye(self.dim))
             local_kernel_(self.pos_proj.weight, self.num_heads, self.locality_strength)
-        with torch.no_grad():
-            trunc_normal_(self.pos_proj.weight[:, 3], std=self.lambda_std)
+        trunc_normal_(self.pos_proj.weight[:, 3], std=self.lambda_std)
 
     @property
     def lambdas(self) -> torch.Tensor:
         """(H,) weights of the content score."""
         return self.pos_proj.weight[:, 3]
 
-    def positional_bias(self) -> torch.Tensor:
+    def positional_bias(self, n: int, device=None) -> torch.Tensor:
         """(H, N, N) = v_h . r_ij."""
-        return torch.einsum("ijc,hc->hij", self.rel_pos, self.pos_proj.weight[:, :3])
+        r = self.relative_positions(n, device)
+        return torch.einsum("ijc,hc->hij", r, self.pos_proj.weight[:, :3])
 
     def _qkv(self, x: torch.Tensor):
         B, N, C = x.shape
-        if N != self.rel_pos.shape[0]:
-            raise ValueError(f"LPSA was built for {self.rel_pos.shape[0]} patch tokens, got {N}")
         q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         return q, k, v
@@ -109,7 +125,7 @@ class LPSA(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         q = q * self.lambdas.to(q.dtype).view(1, -1, 1, 1)
-        bias = self.positional_bias().to(q.dtype).unsqueeze(0)
+        bias = self.positional_bias(N, x.device).to(q.dtype).unsqueeze(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
@@ -118,7 +134,8 @@ class LPSA(nn.Module):
         """(B, H, N, N) attention probabilities, for analyses."""
         q, k, _ = self._qkv(x)
         scores = (q @ k.transpose(-2, -1)) * self.scale
-        return (self.lambdas.view(1, -1, 1, 1) * scores + self.positional_bias().unsqueeze(0)).softmax(-1)
+        bias = self.positional_bias(x.shape[1], x.device).unsqueeze(0)
+        return (self.lambdas.view(1, -1, 1, 1) * scores + bias).softmax(-1)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.num_heads}, patches={self.rel_pos.shape[0]}, lambda_std={self.lambda_std}"
+        return f"dim={self.dim}, heads={self.num_heads}, lambda_std={self.lambda_std}"
