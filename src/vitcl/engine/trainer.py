@@ -291,8 +291,8 @@ class Trainer:
         self.progress.message(msg + f" · task-IL {res['seen_task_il']:.2f}")
         s.task, s.phase, s.epoch, s.begun, s.memory_updated = task.index + 1, 0, 0, False, False
         s.task_time, s.task_images = 0.0, 0
+        self.save_checkpoint(f"task_{task.index}.pt")  # before last.pt: a resume never skips a task checkpoint
         self.save_checkpoint()
-        self.save_checkpoint(f"task_{task.index}.pt")
         if dist.is_main():
             write_results(self.run_dir, self.results())
 
