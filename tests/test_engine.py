@@ -152,3 +152,8 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     (tmp_path / "x" / "checkpoints" / "last.pt").write_bytes(b"garbage")
     proc = run_cli("resume", str(tmp_path / "x"))
     assert proc.returncode == 2 and "last.pt: not a readable vitcl checkpoint" in proc.stderr
+
+
+def test_bf16_autocast_run(tmp_path):
+    res = make_trainer(tmp_path / "r", "run.precision=bf16", "data.increment=5", "train.epochs=1").fit()
+    assert res["tasks_done"] == 2 and all(math.isfinite(a) for a in res["class_il"]["seen_acc"])

@@ -205,6 +205,7 @@ class Trainer:
         for epoch in range(s.epoch, phase.epochs):
             torch.manual_seed(stable_seed(cfg.run.seed, task.index, p, epoch, self.rank))
             set_lr(optimizer, lr_at(phase, epoch))
+            self.progress.start_epoch()
             loss = self.train_epoch(task, p, phase, epoch, indices, optimizer, params, label)
             s.epoch = epoch + 1
             s.task_time = time.perf_counter() - task_t0
