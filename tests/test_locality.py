@@ -101,3 +101,24 @@ def test_run_hook_and_analyze_cli(tmp_path):
     assert again["layers"] == recorded["layers"]
     for a, b in zip(again["nonlocality"], recorded["nonlocality"]):
         assert all(abs(x - y) < 1e-5 for x, y in zip(a, b))
+
+
+def test_analyse_convit_with_lpsa_and_class_attention():
+    from types import SimpleNamespace
+
+    from vitcl.eval.locality import analyse_method
+    from vitcl.models.convit import ConViT
+
+    torch.manual_seed(0)
+    m = ConViT(img_size=16, in_chans=1, patch_size=4, embed_dim=32, depth=3, local_up_to_layer=2, num_heads=4,
+               sab_layers=["lpsa", "gpsa"])
+    method = SimpleNamespace(model=m, logits=m, embed=m)
+    res = analyse_method(method, torch.randn(10, 1, 16, 16), task=0, n_images=3, chunk=4)
+    assert res.layers == ["encoder.blocks.0.attn", "encoder.blocks.1.attn"]
+    assert len(res.nonlocality_heads[0]) == 4 and len(res.eigenvalues) == 32
+    # at init LPSA is local: its 4 kernel heads look at the 2x2 neighbourhood, far below uniform attention
+    assert res.nonlocality[0] < 0.5 * mean_patch_distance(4)
+    hm = res.heatmaps
+    assert hm["layers"] == ["encoder.blocks.0.attn", "encoder.blocks.1.attn", "decoder.blocks.0.attn"]
+    assert hm["maps"].shape == (3, 3, 4, 4)
+    assert torch.allclose(hm["maps"].sum((-1, -2)), torch.ones(3, 3))

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from vitcl.models.lpsa import LPSA, relative_positions
+from vitcl.models.convit import relative_positions
+from vitcl.models.lpsa import LPSA
 
 
 def rel_loops(grid):
@@ -113,3 +114,48 @@ def test_grid_from_input_and_no_persistent_buffers():
     assert set(m.state_dict()) == {"qk.weight", "v.weight", "proj.weight", "proj.bias", "pos_proj.weight"}
     x = torch.randn(2, 9, 8)
     assert torch.allclose(m(x), lpsa_reference(m, x), atol=1e-5)
+
+
+def test_convit_per_layer_attention_keeps_lpsa_init():
+    from vitcl.models.convit import GPSA, ConViT
+
+    torch.manual_seed(0)
+    m = ConViT(img_size=16, in_chans=1, patch_size=4, embed_dim=32, depth=4, local_up_to_layer=3, num_heads=4,
+               sab_layers=["lpsa", "lpsa", "gpsa"], lpsa_lambda_std=0.3)
+    kinds = [type(b.attn) for b in m.encoder.blocks]
+    assert kinds == [LPSA, LPSA, GPSA]
+    for blk in m.encoder.blocks[:2]:
+        a = blk.attn
+        assert torch.equal(a.v.weight, torch.eye(32))  # ConViT's generic init left LPSA's init alone
+        assert a.lambda_std == 0.3 and a.pos_proj.weight[0, :3].tolist() == [-1.0, -1.0, -1.0]
+    x = torch.randn(2, 1, 16, 16)
+    assert m(x).shape == (2, 32)
+    all_lpsa = ConViT(img_size=16, in_chans=1, patch_size=4, embed_dim=32, depth=2, local_up_to_layer=1,
+                      num_heads=4, sab="lpsa")
+    assert isinstance(all_lpsa.encoder.blocks[0].attn, LPSA)
+
+
+def test_convit_sab_layers_config_errors():
+    from vitcl.config import load_config
+    from vitcl.errors import ConfigError
+
+    base = ["model.name=convit", "model.local_up_to_layer=2", "model.depth=3"]
+    cfg, _ = load_config(["replay/digits-b0inc2"], base + ["model.sab_layers=[lpsa,mhsa]"])
+    assert cfg.model.sab_layers == ["lpsa", "mhsa"]
+    with pytest.raises(ConfigError, match=r"model.sab_layers\[1\]: unknown 'foo'"):
+        load_config(["replay/digits-b0inc2"], base + ["model.sab_layers=[lpsa,foo]"])
+    with pytest.raises(ConfigError, match="model.sab_layers: 1 names for 2 SABs"):
+        load_config(["replay/digits-b0inc2"], base + ["model.sab_layers=[lpsa]"])
+
+
+def test_class_attention_map_matches_forward():
+    from vitcl.models.convit import ClassAttention
+
+    torch.manual_seed(0)
+    ca = ClassAttention(16, 2)
+    tokens, patches = torch.randn(3, 2, 16), torch.randn(3, 9, 16)
+    A = ca.attention_map(tokens, patches)
+    assert A.shape == (3, 2, 2, 11) and A[:, :, 0, 1].abs().max() == 0 and A[:, :, 1, 0].abs().max() == 0
+    v = torch.cat([ca.v(tokens), ca.v(patches)], 1).reshape(3, 11, 2, 8).transpose(1, 2)
+    out = ca.proj((A @ v).transpose(1, 2).reshape(3, 2, 16))
+    assert torch.allclose(out, ca(tokens, patches), atol=1e-5)

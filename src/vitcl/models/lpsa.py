@@ -22,17 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convit import register_sab_attention, relative_positions
 from .layers import trunc_normal_
-
-
-def relative_positions(grid: int, device: torch.device | None = None) -> torch.Tensor:
-    """(N, N, 3) features r[i, j] = (dx, dy, dx^2 + dy^2) of key patch j relative to query patch i, N = grid^2,
-    patches in raster order (row-major); dx is the column offset, dy the row offset (ConViT's `get_rel_indices`)."""
-    idx = torch.arange(grid * grid, device=device)
-    row, col = idx // grid, idx % grid
-    dx = (col[None, :] - col[:, None]).float()
-    dy = (row[None, :] - row[:, None]).float()
-    return torch.stack([dx, dy, dx**2 + dy**2], dim=-1)
 
 
 def local_kernel_(weight: torch.Tensor, num_heads: int, locality_strength: float = 1.0) -> torch.Tensor:
@@ -55,6 +46,8 @@ def local_kernel_(weight: torch.Tensor, num_heads: int, locality_strength: float
 class LPSA(nn.Module):
     """Locality-preserving self-attention over patch tokens (B, N, D), N = grid^2 (no class token). The grid is
     read from N at the first forward (or given as num_patches)."""
+
+    owns_init = True  # initialised by its constructor: ConViT's generic init leaves it alone
 
     def __init__(self, dim: int, num_heads: int, num_patches: int | None = None, qkv_bias: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, locality_strength: float = 1.0,
@@ -98,8 +91,7 @@ class LPSA(nn.Module):
     @torch.no_grad()
     def local_init(self) -> None:
         """Value weights = I and ConViT's local kernel on v_h (when use_local_init), then lambda_h ~
-        trunc-normal(lambda_std). Idempotent on lambda's distribution, so an encoder may call it after its own
-        generic Linear init (as ConViT's init re-applies GPSA's local init)."""
+        trunc-normal(lambda_std)."""
         if self.use_local_init:
             self.v.weight.copy_(torch.eye(self.dim))
             local_kernel_(self.pos_proj.weight, self.num_heads, self.locality_strength)
@@ -139,3 +131,8 @@ class LPSA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, lambda_std={self.lambda_std}"
+
+
+@register_sab_attention("lpsa")
+def _lpsa(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength, lpsa_lambda_std=0.02, **_):
+    return LPSA(dim, num_heads, None, qkv_bias, attn_drop, proj_drop, locality_strength, lpsa_lambda_std)
