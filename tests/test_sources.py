@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,32 @@ def test_download_with_wrong_md5_leaves_nothing(tmp_path):
         src.load(str(tmp_path / "data"), train=True, download=True)
     assert sorted(files)[0] in str(err.value)
     assert not (tmp_path / "data" / "mnist").exists()
+    assert list((tmp_path / "data").iterdir()) == []  # no partial file, no lock file
+
+
+def test_concurrent_downloads_take_turns(tmp_path):
+    make_cifar100(tmp_path / "build", n_train=100, n_test=100)
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "build" / "cifar-100-python", arcname="cifar-100-python")
+    remotes = _local_remotes(tmp_path, {archive.name: archive.read_bytes()})
+    results, errors = [], []
+
+    def fetch():
+        src = get_source("cifar100")
+        src.remotes = remotes
+        try:
+            results.append(len(src.load(str(tmp_path / "data"), train=False, download=True)))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [100, 100, 100]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar100"]
 
 
 def test_download_failure_names_the_url(tmp_path):
