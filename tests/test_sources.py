@@ -396,3 +396,12 @@ def test_cli_datasets_lists_every_source(tmp_path, capsys):
     block = out.split("\nmnist", 1)[1].split("\n\n", 1)[0]
     assert "MISSING" in block and str(tmp_path / "mnist") in block and "data.download=true" in block
     assert "imagenet1000 (imagenet)" in out
+
+
+def test_cli_run_with_missing_data_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["run", "-q", "finetune/fashion-mnist-b0inc2", f"run.out_dir={tmp_path / 'runs'}",
+                 f"data.root={tmp_path / 'data'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("vitcl: error: fashion-mnist: files not found") and "apt-get install" in err
+    assert not (tmp_path / "runs").exists()  # nothing written before the data is found
