@@ -197,7 +197,8 @@ class Trainer:
         indices = self.phase_indices(phase, task)
         if len(indices) == 0:
             raise TrainingError(f"task {task.index}: phase '{phase.name}' has no data ({phase.data} is empty)")
-        n_batches = len(global_batches(torch.arange(len(indices) * phase.repeats), phase.batch_size, phase.drop_last))
+        epoch_len = len(epoch_order(len(indices), 0, False, phase.repeats, phase.repeat_mode))
+        n_batches = len(global_batches(torch.arange(epoch_len), phase.batch_size, phase.drop_last))
         if cfg.train.max_batches:
             n_batches = min(n_batches, cfg.train.max_batches)
         label = f"task {task.index + 1}/{len(self.scenario)} · {phase.name}"
@@ -223,7 +224,7 @@ class Trainer:
     def train_epoch(self, task, p, phase, epoch, indices, optimizer, params, label) -> float:
         cfg = self.cfg
         order = epoch_order(len(indices), stable_seed(cfg.run.seed, task.index, p, epoch, "order"), phase.shuffle,
-                            phase.repeats)
+                            phase.repeats, phase.repeat_mode)
         batches = global_batches(order, phase.batch_size, phase.drop_last)
         if cfg.train.max_batches:
             batches = batches[: cfg.train.max_batches]

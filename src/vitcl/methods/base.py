@@ -59,6 +59,7 @@ class Phase:
     shuffle: bool = True
     drop_last: bool = False
     repeats: int = 1  # repeated augmentation: each index appears this many times per epoch
+    repeat_mode: str = "extend"  # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
     grad_clip: float | None = None
 
     @classmethod
