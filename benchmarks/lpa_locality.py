@@ -42,7 +42,7 @@ def main(overrides: list[str]) -> None:
     cmd = "python benchmarks/lpa_locality.py" + "".join(f" {o}" for o in overrides)
     body = f"""Command: `{cmd}` (configs in `benchmarks/lpa-locality/`: Fashion-MNIST padded to 32x32, B2-2 = 5 tasks
 of 2 classes, 300 training images per class (300 test images per class), a ConViT with 3 self-attention blocks + 1 class-attention block, dim
-64, 4 heads, 8x8 patches (a 4x4 grid), 8 epochs per task, no MixUp; baseline and w/LPA: memory 200 by herding,
+64, 4 heads, 8x8 patches (a 4x4 grid), 6 epochs per task, no MixUp; baseline and w/LPA: memory 200 by herding,
 distillation on memory samples, 4 finetuning epochs; joint: the same encoder trained on every seen task's data at
 each stage, softmax cross-entropy). Machine: {machine()}, shared with other jobs.
 
@@ -54,7 +54,7 @@ Class-IL accuracy (%) on the seen classes' test images:
 
 Non-locality D = (1/N) sum_ij A_ij ||delta_ij|| (patch units, mean over heads) of each self-attention layer after
 each task, on the same 200 held-out test images (all classes) for every run and task; uniform attention on a 4x4
-grid gives 1.79, attention to the query patch alone 0. Plot: `benchmarks/{plot.name}` (one panel per run, one line
+grid gives 2.01, attention to the query patch alone 0. Plot: `benchmarks/{plot.name}` (one panel per run, one line
 per layer); attention heat maps after the last task: `benchmarks/lpa_attention_{{joint,baseline,lpa}}.png`.
 
 | run | task | """ + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |\n|---|---|" + "---|" * layers + "\n" + \
