@@ -68,7 +68,9 @@ per layer); attention heat maps after the last task: `benchmarks/lpa_attention_{
 | run | task | """ + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |\n|---|---|" + "---|" * layers + "\n" + \
         "\n".join(nl_rows) + "\n\n![non-locality per layer across tasks](benchmarks/lpa_nonlocality.png)\n" + f"""
 Eigenvalues of the covariance of the final representation (the class token's embedding, 64 dimensions) on the same
-200 images after the last task (LPA's transferability figure; plot `benchmarks/lpa_spectrum.png`):
+200 images after the last task (LPA's transferability figure; plot `benchmarks/lpa_spectrum.png`). Baseline and
+w/LPA embed with the raw class-attention output (their classifiers normalise it), joint after the backbone's final
+LayerNorm, so only the first two compare in scale:
 
 | run | largest 5 | sum | eigenvalues above 1% of the largest |
 |---|---|---|---|
