@@ -51,8 +51,8 @@ block, dim 64, 4 heads, 8x8 patches (a 4x4 grid); 15 epochs per task, AdamW lr 2
 batch 64, no MixUp, one torch thread. Baseline and w/LPA (LPSA in the 3 self-attention blocks): memory of 200 by
 herding, distillation on the memory samples, 4 finetuning epochs on the memory with encoder and decoder frozen.
 Joint: the same network trained at each stage on all the data seen so far (softmax cross-entropy, no memory).
-Machine: {machine()}, shared with other jobs (wall times are inflated by them; CPU time is user + sys of the
-run). Total CPU time: {total_cpu / 60:.1f} min.
+Machine: {machine()}, shared with other jobs
+(wall times are inflated by them; CPU time is user + sys of the run). Total CPU time: {total_cpu / 60:.1f} min.
 
 Class-IL accuracy (%) on the seen classes' test images:
 
@@ -62,8 +62,8 @@ Class-IL accuracy (%) on the seen classes' test images:
 
 Non-locality D = (1/N) sum_ij A_ij ||delta_ij|| (patch units, mean over heads) of each self-attention layer after
 each task, on the same 200 held-out test images (all classes) for every run and task; uniform attention on a 4x4
-grid gives 2.01, attention to the query patch alone 0. Plot: `benchmarks/{plot.name}` (one panel per run, one line
-per layer); attention heat maps after the last task: `benchmarks/lpa_attention_{{joint,baseline,lpa}}.png`.
+grid gives 2.01, attention to the query patch alone 0. Plot: `benchmarks/{plot.name}` (one panel per run, one
+line per layer); attention heat maps after the last task: `benchmarks/lpa_attention_{{joint,baseline,lpa}}.png`.
 
 | run | task | """ + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |\n|---|---|" + "---|" * layers + "\n" + \
         "\n".join(nl_rows) + "\n\n![non-locality per layer across tasks](benchmarks/lpa_nonlocality.png)\n" + f"""
