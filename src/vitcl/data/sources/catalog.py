@@ -21,7 +21,7 @@ CATALOG = {
     "svhn": (10, 224, IMAGENET_MEAN, IMAGENET_STD, "an ImageFolder tree (train/, test/) of SVHN"),
     "ucf101": (101, 224, IMAGENET_MEAN, IMAGENET_STD,
                "an ImageFolder tree (train/, test/) of UCF101 dynamic images (Visual Decathlon)"),
-    "flowers102": (102, 224, IMAGENET_MEAN, IMAGENET_STD,
+    "flowers": (102, 224, IMAGENET_MEAN, IMAGENET_STD,
                    "an ImageFolder tree (train/, test/) of the Oxford (VGG) Flowers-102"),
     "fashion-mnist": (10, 28, (0.2860,), (0.3530,),
                       "the IDX files (`apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets)"),
