@@ -187,3 +187,22 @@ def test_missing_or_foreign_file_is_a_one_line_config_error(tmp_path):
     torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="no tensor"):
         load_pretrained(small_vit(), str(tmp_path / "other.pth"))
+
+
+def test_timm_backbones_are_an_optional_extra():
+    import importlib.util
+
+    from vitcl.config import load_config
+    from vitcl.data.build import build_scenario
+    from vitcl.methods import METHODS
+
+    cfg, _ = load_config(["finetune/digits-b0inc2"], ["model.name=timm", "model.arch=vit_tiny_patch16_224",
+                                                       "data.image_size=32", "method.name=rkr", "data.setting=task-il"])
+    scenario = build_scenario(cfg.data, shapes_only=True)
+    if importlib.util.find_spec("timm") is None:
+        with pytest.raises(ConfigError, match=r"pip install 'vitcl\[timm\]'"):
+            METHODS.get("rkr")(cfg, scenario, torch.device("cpu"))
+        return
+    m = METHODS.get("rkr")(cfg, scenario, torch.device("cpu"))  # pragma: no cover - only with the extra
+    wrapped = [n for n, mod in m.model.backbone.named_modules() if type(mod).__name__ == "TaskLayer"]
+    assert "blocks.0.attn.qkv" in wrapped and len(wrapped) == 4 * 12

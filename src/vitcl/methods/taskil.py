@@ -15,6 +15,7 @@ from ..models import GrowingHead, create_backbone
 from ..models.surgery import LayerRule, TaskParams, apply_surgery, as_rules, count_parameters, set_task
 from ..models.surgery import add_task as add_task_slots
 from ..models.surgery import slot_parameters
+from ..models.timm_backbone import timm_family
 from .base import Batch, Method, MethodOptions, ParamCount, Phase
 
 
@@ -127,7 +128,10 @@ class SurgeryMethod(TaskILMethod):
         raise NotImplementedError
 
     def prepare(self, backbone: nn.Module) -> None:
-        rules = as_rules(self.opts.layers, self.cfg.model.name)
+        name = self.cfg.model.name
+        if name == "timm":
+            name = timm_family(self.cfg.model.arch)
+        rules = as_rules(self.opts.layers, name)
         apply_surgery(backbone, rules, self.task_params(), self.opts.bn)
 
     def begin_task(self, task) -> None:
