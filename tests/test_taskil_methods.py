@@ -159,3 +159,10 @@ def test_run_records_both_protocols(tmp_path, capsys):
     assert "best while training" in capsys.readouterr().out
     periodic = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "periodic" for r in periodic) == 3
+
+
+def test_input_size_upsamples_batches_on_the_device():
+    m = make("multi-head", "method.input_size=16", model=TINY_VIT)
+    assert m.model.backbone.pos_embed.shape[1] == (16 // 4) ** 2  # built for 16 px (mean pooling: no class token)
+    train_task(m, 0, steps=1)
+    assert task_logits(m, 0).shape == (16, 4)  # fed 8 px digits
