@@ -236,3 +236,35 @@ def test_per_task_costs_of_methods_md():
     assert sum(per_task_cost(swin_cifar, default_rules("swin"))) == 21_888
     swin_b = {"name": "swin", "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]}
     assert sum(per_task_cost(swin_b, default_rules("swin"))) == 457_216
+
+
+@torch.no_grad()
+def test_finished_masks_are_stored_as_bool_and_reload():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 5))
+    apply_surgery(net, [LayerRule("*")], TaskParams(weight_mask=True, rank=2, sfg=True, later="mask",
+                                                    sfg_later="mask"))
+    add_task(net)
+    add_task(net)
+    for name, p in net[0].slots[1].items():
+        p.copy_(scores_like(p, gen))
+    x = torch.randn(3, 6)
+    set_task(net, 1)
+    before = net(x)
+    cost = count_parameters(net)
+    from vitcl.models.surgery import freeze_task
+
+    freeze_task(net, 1)
+    assert all(p.dtype == torch.bool for n, p in net[0].slots[1].items())
+    torch.testing.assert_close(net(x), before)
+    assert count_parameters(net) == cost
+    fresh = nn.Sequential(nn.Linear(6, 5))
+    apply_surgery(fresh, [LayerRule("*")], TaskParams(weight_mask=True, rank=2, sfg=True, later="mask",
+                                                      sfg_later="mask"))
+    add_task(fresh)
+    add_task(fresh)
+    fresh.load_state_dict(net.state_dict())
+    set_task(fresh, 1)
+    assert fresh[0].slots[1]["w_score"].dtype == torch.bool
+    torch.testing.assert_close(fresh(x), before)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import GrowingHead, create_backbone
-from ..models.surgery import LayerRule, TaskParams, apply_surgery, as_rules, count_parameters, set_task
+from ..models.surgery import (LayerRule, TaskParams, apply_surgery, as_rules, count_parameters, parameter_cost,
+                              set_task)
 from ..models.surgery import add_task as add_task_slots
-from ..models.surgery import slot_parameters
+from ..models.surgery import freeze_task, slot_parameters
 from ..models.timm_backbone import timm_family
 from .base import Batch, Method, MethodOptions, ParamCount, Phase
 
@@ -113,8 +114,11 @@ class TaskILMethod(Method):
         return self.model.features(x, max(self.task_index, 0))
 
     def count_parameters(self) -> ParamCount:
+        """Total, and what the current task learns (also after end_task, when its masks are frozen as bool)."""
         model = self.inference_modules()
-        return ParamCount(count_parameters(model), count_parameters(model, trainable=True))
+        learns = {id(p) for p in self.trainable(self.scenario[self.task_index])} if self.task_index >= 0 else set()
+        return ParamCount(count_parameters(model),
+                          sum(parameter_cost(n, p) for n, p in model.named_parameters() if id(p) in learns))
 
     def reference_count(self) -> float:
         return self.reference
@@ -140,3 +144,6 @@ class SurgeryMethod(TaskILMethod):
 
     def trainable(self, task) -> Iterable[nn.Parameter]:
         return [*slot_parameters(self.model.backbone, task.index), *self.model.head.heads[task.index].parameters()]
+
+    def end_task(self, task) -> None:
+        freeze_task(self.model.backbone, task.index)  # its masks become bool: 4x smaller in memory and checkpoints

@@ -47,6 +47,9 @@ class Binarize(torch.autograd.Function):
 
 
 def binarize(scores: torch.Tensor, threshold: float = 5e-3) -> torch.Tensor:
+    """The binary mask of real scores; a finished task's mask is stored as bool already (see TaskLayer.freeze)."""
+    if scores.dtype == torch.bool:
+        return scores.float()
     return Binarize.apply(scores, threshold)
 
 
@@ -190,6 +193,21 @@ class TaskLayer(nn.Module):
                 slot["f_score"] = self._score((self.c_out,))
         self.slots.append(slot)
 
+    def freeze(self, t: int) -> None:
+        """Task t is learnt: keep its masks as bool (what they are at test time; 1 byte instead of 4 per entry)."""
+        slot = self.slots[t]
+        for name in [n for n in slot if n.endswith(MASK_SUFFIX)]:
+            if slot[name].dtype != torch.bool:
+                slot[name] = nn.Parameter(slot[name].detach() > self.p.threshold, requires_grad=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for t, slot in enumerate(self.slots):  # a checkpoint holding frozen (bool) masks
+            for name in [n for n in slot if n.endswith(MASK_SUFFIX)]:
+                stored = state_dict.get(f"{prefix}slots.{t}.{name}")
+                if stored is not None and stored.dtype == torch.bool and slot[name].dtype != torch.bool:
+                    slot[name] = nn.Parameter(torch.zeros_like(slot[name], dtype=torch.bool), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ---------------------------------------------------------------- forward
     def to_weight(self, r: torch.Tensor) -> torch.Tensor:
         """(split, rows, cols) factor product -> W's layout."""
@@ -320,6 +338,12 @@ def add_task(model: nn.Module) -> None:
 def set_task(model: nn.Module, task: int) -> None:
     for m in task_modules(model):
         m.task = task
+
+
+def freeze_task(model: nn.Module, task: int) -> None:
+    for m in model.modules():
+        if isinstance(m, TaskLayer) and task < len(m.slots):
+            m.freeze(task)
 
 
 def slot_parameters(model: nn.Module, task: int) -> list[nn.Parameter]:
