@@ -1,4 +1,4 @@
-"""vitcl run | resume | eval | report | params | datasets | presets."""
+"""vitcl run | resume | eval | analyze | report | params | datasets | presets."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .engine import checkpoint
+    from .engine.trainer import Trainer
+    from .eval.locality import ANALYSES, analyse_task, summarise
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run(run_dir)
+    stored = sorted((run_dir / "checkpoints").glob("task_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not stored:
+        raise VitclError(f"{run_dir / 'checkpoints'}: no task checkpoints (task_N.pt) to analyse")
+    analyses = args.analyses.split(",") if args.analyses else list(ANALYSES)
+    bad = [a for a in analyses if a not in ANALYSES]
+    if bad:
+        raise VitclError(f"--analyses: unknown {bad}; expected a comma list of {', '.join(ANALYSES)}")
+    samples = args.samples or cfg.eval.analysis_samples
+    images = args.images if args.images is not None else cfg.eval.analysis_images
+    out = run_dir / "analysis"
+    trainer = Trainer(cfg, run_dir, progress=False)
+    for path in stored:
+        trainer.method = type(trainer.method)(cfg, trainer.scenario, trainer.device)
+        trainer.restore(checkpoint.load(path))
+        t = int(path.stem.split("_")[1])
+        res = analyse_task(trainer, t, out, analyses, samples, images)
+        layers = " ".join(f"{d:.2f}" for d in res.nonlocality)
+        print(f"task {t + 1}: non-locality per layer {layers}" if layers else f"task {t + 1}: analysed",
+              file=sys.stderr)
+    summarise(out, cfg.method.name)
+    print(f"analysis: {out / 'locality.json'} · plots: {run_dir / 'plots'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import comparison_table
 
@@ -272,6 +303,13 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("eval", help="re-evaluate the saved task checkpoints of a run")
     r.add_argument("run_dir")
     r.set_defaults(fn=cmd_eval)
+    r = sub.add_parser("analyze", help="locality analyses of a run's task checkpoints (non-locality, spectrum, "
+                                       "attention heat maps)")
+    r.add_argument("run_dir")
+    r.add_argument("--analyses", default=None, help="comma list of nonlocality,spectrum,heatmaps (default: all)")
+    r.add_argument("--samples", type=int, default=None, help="held-out batch size (default: eval.analysis_samples)")
+    r.add_argument("--images", type=int, default=None, help="images in the heat maps (default: eval.analysis_images)")
+    r.set_defaults(fn=cmd_analyze)
     r = sub.add_parser("report", help="Markdown table comparing runs")
     r.add_argument("run_dirs", nargs="+")
     r.set_defaults(fn=cmd_report)

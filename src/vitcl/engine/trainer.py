@@ -288,6 +288,10 @@ class Trainer:
                 "trainable": count.trainable, "seconds": seconds, "images": s.task_images,
                 "images_per_s": s.task_images / max(seconds, 1e-9), "peak_memory_bytes": int(peak),
                 "peak_memory_kind": "cuda" if self.device.type == "cuda" else "cpu-rss"}
+        if self.cfg.eval.analyses and dist.is_main():
+            from ..eval.locality import record_after_task
+
+            record_after_task(self, task)
         s.evals.append(res)
         s.tasks.append(info)
         self.log_metrics({"kind": "task_end", **res, **{k: v for k, v in info.items() if k != "task"}})

@@ -12,7 +12,8 @@ Per task t (facts and sources: reference/methods.md section 1):
   `kd_samples: memory` restricts it to old-class samples, as LPA does).
 - memory update: iCaRL herding on the L2-normalised concatenation of all task embeddings.
 - phase "finetune" (t >= 1) on the balanced memory: encoder (patch + positional embedding, SABs) frozen; the
-  decoder, all tokens and all classifiers trained at a constant lr; classification loss only.
+  decoder, all tokens and all classifiers trained at a constant lr; classification loss only (with
+  `finetune_distillation`, also the distillation, as LPA's recipe does; never the divergence loss).
 DyTox+ is DyTox with MixUp (alpha 0.8) and label smoothing 0.1 (`data.augment`): the loss is then the BCE on the
 mixed soft targets, and the divergence targets are [sum of the old classes' mass, the new classes' masses].
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,8 @@ class DyToxOptions(MethodOptions):
     frozen_encoder_mode: Literal["train", "eval"] = "train"
     repeated_augmentation: int = 1  # 3 in the public code (DeiT's RASampler) for the "train" phase
     repeated_augmentation_mode: Literal["deit", "extend"] = "deit"  # deit: epochs keep their length
+    finetune_distillation: bool = False  # LPA's recipe: the teacher's KD also while finetuning (never the div head)
+    finetune_repeated_augmentation: int = 1  # LPA's recipe: 3 (its finetuning keeps the RASampler)
 
     def validate(self, key: str) -> None:
         for name in ("divergence_weight", "finetune_lr"):
@@ -99,14 +102,15 @@ class DyToxOptions(MethodOptions):
                 raise ConfigError(f"{key}.{name}: expected a value >= 0, got {getattr(self, name)}")
         if self.distillation_tau <= 0:
             raise ConfigError(f"{key}.distillation_tau: expected a positive temperature, got {self.distillation_tau}")
-        if self.finetune_epochs < 0 or self.repeated_augmentation < 1:
-            raise ConfigError(f"{key}: finetune_epochs must be >= 0 and repeated_augmentation >= 1")
+        if self.finetune_epochs < 0 or self.repeated_augmentation < 1 or self.finetune_repeated_augmentation < 1:
+            raise ConfigError(f"{key}: finetune_epochs must be >= 0 and (finetune_)repeated_augmentation >= 1")
 
 
 @register_method("dytox")
 class DyTox(Method):
     Options = DyToxOptions
     uses_memory = True
+    network: ClassVar[type] = DyToxNet  # built around the ConViT backbone (LPA's baseline: a single-token net)
 
     def __init__(self, cfg, scenario, device):
         self.teacher: DyToxNet | None = None
@@ -117,7 +121,7 @@ class DyTox(Method):
         if not isinstance(backbone, ConViT):
             raise ConfigError(f"model.name: {self.name} needs the 'convit' model (a task-attention decoder), "
                               f"got '{self.cfg.model.name}'")
-        return DyToxNet(backbone)
+        return self.network(backbone)
 
     # ------------------------------------------------------------------ growth
     def begin_task(self, task):
@@ -138,7 +142,8 @@ class DyTox(Method):
             stored = o.finetune_order == "stored_drop_last"
             phases.append(Phase.from_train("finetune", "memory", t, task.index, epochs=o.finetune_epochs, lr=lr,
                                            schedule="constant", warmup_epochs=0, shuffle=not stored,
-                                           drop_last=stored))
+                                           drop_last=stored, repeats=o.finetune_repeated_augmentation,
+                                           repeat_mode=o.repeated_augmentation_mode))
         return phases
 
     def setup_phase(self, phase, task):
@@ -164,7 +169,7 @@ class DyTox(Method):
         logits = m.forward_head(emb)
         cls = classification(logits, dense_targets(batch, logits.shape[1]), o.classification)
         loss, logs = cls, {"cls": float(cls.detach())}
-        if phase.name != "train":
+        if phase.name != "train" and not o.finetune_distillation:
             return loss, logs
         n_old = task.offset
         if self.teacher is not None:
@@ -178,7 +183,7 @@ class DyTox(Method):
                 loss = (1 - lam) * cls + lam * kd
                 logs["kd"] = float(kd.detach())
             # kd_samples=memory and no old sample in the batch: the classification loss alone, unweighted (LPA)
-        if m.head_div is not None and o.divergence_weight > 0:
+        if phase.name == "train" and m.head_div is not None and o.divergence_weight > 0:
             div_logits = m.forward_div(emb)
             div = classification(div_logits, divergence_targets(batch, n_old, task.num_classes), o.classification)
             loss = loss + o.divergence_weight * div
