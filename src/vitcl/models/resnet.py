@@ -117,7 +117,7 @@ class ResNet32Options:
 @register_model("resnet18", ResNet18Options)
 def build_resnet18(opts: ResNet18Options, img_size: int, in_chans: int) -> ResNet:
     w = opts.width
-    return ResNet([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, opts.bn_affine)
+    return ResNet([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, bn_affine=opts.bn_affine)
 
 
 @register_model("resnet32", ResNet32Options)
