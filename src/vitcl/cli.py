@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import VitclError
 
-DEFAULT_PRESET = "replay/digits-b0inc2"  # `vitcl run` with no argument: the embedded demo
+DEFAULT_PRESET = "dytox/digits-b0inc2"  # `vitcl run` with no argument: the embedded demo (a small DyTox)
 
 
 def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
