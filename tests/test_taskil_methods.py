@@ -166,3 +166,13 @@ def test_input_size_upsamples_batches_on_the_device():
     assert m.model.backbone.pos_embed.shape[1] == (16 // 4) ** 2  # built for 16 px (mean pooling: no class token)
     train_task(m, 0, steps=1)
     assert task_logits(m, 0).shape == (16, 4)  # fed 8 px digits
+
+
+def test_reevaluating_saved_tasks_gives_the_same_matrix(tmp_path):
+    rc = main(["run", *BASE, *TINY_RESNET, "method.name=piggyback", "train.epochs=1", "train.batch_size=32",
+               "train.max_batches=2", f"run.out_dir={tmp_path}", "run.name=r", "-q"])
+    assert rc == 0
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    again = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert again["task_il"]["acc_matrix"] == res["task_il"]["acc_matrix"]
