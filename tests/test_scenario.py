@@ -239,5 +239,5 @@ def test_data_presets_split_as_named(name):
                                     "joint/fashion-mnist-b0inc2"])
 def test_fashion_mnist_method_presets_resolve(preset):
     cfg, _ = load_config([preset])
-    assert cfg.data.dataset == "fashion-mnist" and cfg.data.image_size == 32 and cfg.model.patch_size == 4
+    assert cfg.data.dataset == "fashion-mnist" and cfg.data.image_size == 32 and cfg.model.patch_size == 8
     assert cfg.method.name == preset.split("/")[0] and cfg.data.train_per_class

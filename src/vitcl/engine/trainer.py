@@ -51,6 +51,7 @@ class RunState:
     begun: bool = False  # begin_task already ran for `task`
     memory_updated: bool = False
     evals: list[dict] = field(default_factory=list)  # task-end evaluations, in order
+    periodic: list[dict] = field(default_factory=list)  # periodic evaluations during training: task, epoch, accuracies
     tasks: list[dict] = field(default_factory=list)  # per task: params, time, throughput, peak memory
     task_time: float = 0.0  # seconds spent in the current task before the last checkpoint
     task_images: int = 0
@@ -214,7 +215,10 @@ class Trainer:
             periodic = cfg.train.eval_every and s.epoch % cfg.train.eval_every == 0 and s.epoch < phase.epochs
             if periodic:
                 res = self.evaluate(task.index)
-                extra = f"acc {res['seen_class_il']:.2f}"
+                key = "seen_task_il" if self.method.task_conditioned else "seen_class_il"
+                extra = f"acc {res[key]:.2f}"
+                s.periodic.append({"task": task.index, "phase": phase.name, "epoch": s.epoch,
+                                   "class_il": res["class_il"], "task_il": res["task_il"]})
                 self.log_metrics({"kind": "periodic", "task": task.index, "phase": phase.name, "epoch": s.epoch,
                                   "loss": loss, **res})
             self.progress.end_epoch(f"epoch {s.epoch}/{phase.epochs} · lr {lr_at(phase, epoch):.2e}", extra)
@@ -305,7 +309,8 @@ class Trainer:
     def results(self) -> dict:
         from ..eval.report import build_results
 
-        return build_results(self.cfg, self.scenario, self.state.evals, self.state.tasks, self.method)
+        return build_results(self.cfg, self.scenario, self.state.evals, self.state.tasks, self.method,
+                             self.state.periodic)
 
 
 def write_results(run_dir: Path, results: dict) -> None:

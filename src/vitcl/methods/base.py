@@ -176,6 +176,11 @@ class Method:
         """What the parameter count covers: the model used at test time (training-only heads excluded)."""
         return self.model
 
+    def reference_count(self) -> float | None:
+        """Parameters of the plain model the method grows from (one backbone with one head), for the percentage
+        growth that `vitcl params` prints; None where it does not apply."""
+        return None
+
     def count_parameters(self) -> ParamCount:
         params = list(self.inference_modules().parameters())
         return ParamCount(float(sum(p.numel() for p in params)),

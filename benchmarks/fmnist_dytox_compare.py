@@ -1,0 +1,109 @@
+"""DyTox and DyTox+ against replay and finetune on Fashion-MNIST (padded to 32x32, B0, 5 tasks of 2 classes).
+
+Every method gets the same small ConViT (4x4 patches, dim 64, 2 GPSA SABs + 1 class-attention block, 4 heads;
+replay and finetune use its single class token with one linear head per task), the same training recipe, the
+same data subset (the first images of each class) and the same rehearsal memory (200 exemplars in total,
+herding; none for finetune). DyTox adds its finetuning phase on the memory after every task t >= 1 (counted in
+its time).
+
+    PYTHONPATH=src python benchmarks/fmnist_dytox_compare.py [--per-class 300] [--epochs 10] [--test-per-class 300]
+        [--threads 1] [--out /tmp/fmnist-dytox]
+
+Reads the IDX files of Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist); when no
+fashion-mnist reader is registered, a minimal one is defined here.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitcl import cli
+from vitcl.data.dataset import ImageSet
+from vitcl.data.sources import SOURCES, Source
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        data = f.read()
+    _, dtype, ndim = struct.unpack(">HBB", data[:4])
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+if "fashion-mnist" not in SOURCES:
+    @SOURCES.register("fashion-mnist")
+    class FashionMNIST(Source):
+        name = "fashion-mnist"
+        num_classes = 10
+        channels = 1
+        image_size = 28
+        mean = (0.2860,)
+        std = (0.3530,)
+        files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz")
+
+        def load(self, root, train, download=False):
+            path = self.require(root)
+            stem = "train" if train else "t10k"
+            images = read_idx(path / f"{stem}-images-idx3-ubyte.gz")
+            labels = read_idx(path / f"{stem}-labels-idx1-ubyte.gz")
+            return ImageSet(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(images.copy())[:, None])
+
+METHODS = {
+    "finetune": ["method.name=finetune", "memory.size=0"],
+    "replay": ["method.name=replay"],
+    "dytox": ["method.name=dytox", "method.finetune_epochs=10", "method.finetune_lr=2e-4"],
+    "dytox-plus": ["method.name=dytox-plus", "method.finetune_epochs=10", "method.finetune_lr=2e-4",
+                   "data.augment.mixup_alpha=0.8", "data.augment.label_smoothing=0.1"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-class", type=int, default=300)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--test-per-class", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default="/tmp/fmnist-dytox")
+    args = ap.parse_args()
+    common = ["model.name=convit", "model.patch_size=4", "model.embed_dim=64", "model.depth=3",
+              "model.local_up_to_layer=2", "model.num_heads=4", "model.mlp_ratio=2.0", "model.drop_path=0.0",
+              f"data.train_per_class={args.per_class}", f"data.test_per_class={args.test_per_class}",
+              "memory.size=200", "memory.selection=herding",
+              f"train.epochs={args.epochs}", "train.batch_size=32", "train.optimizer=adamw", "train.lr=2e-3",
+              "train.weight_decay=1e-6", "train.warmup_epochs=1", "train.min_lr=1e-5", "eval.batch_size=500",
+              f"run.threads={args.threads}", "run.progress=false", f"run.out_dir={args.out}"]
+    rows = []
+    for name in args.methods.split(","):
+        overrides = common + METHODS[name] + [f"run.name={name}"]
+        t0 = time.perf_counter()
+        code = cli.main(["run", "-q", "data/fashion-mnist-b0inc2", *overrides])
+        seconds = time.perf_counter() - t0
+        assert code == 0, f"{name}: exit {code}"
+        r = json.loads((Path(args.out) / name / "results.json").read_text())
+        rows.append((name, r, seconds))
+        print(f"# {name}: done in {seconds:.0f}s", flush=True)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    print(f"budget: {args.per_class} training images per class, {args.epochs} epochs per task, batch 32, "
+          f"memory 200 (herding), {args.test_per_class} test images per class")
+    print("| method | CIL Avg | CIL Last | CIL forgetting | TIL Avg | TIL Last | #P final | time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r, s in rows:
+        c, t = r["class_il"], r["task_il"]
+        print(f"| {name} | {c['avg_incremental']:.2f} | {c['last']:.2f} | {c['forgetting']:.2f} | "
+              f"{t['avg_incremental']:.2f} | {t['last']:.2f} | {int(r['params']['final']):,} | {s:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
