@@ -177,16 +177,36 @@ def cmd_params(args) -> int:
 
 
 def cmd_datasets(args) -> int:
+    import shutil
+    import textwrap
+
     from .data.sources import SOURCES, get_source
 
+    width = max(60, min(shutil.get_terminal_size((100, 20)).columns, 110))
+    indent = " " * 4
+    root = args.data_root
+    print(f"Data sources. Each looks in <data.root>/<name> first (data.root=DIR in a run, --data-root DIR here; "
+          f"now {'DIR=' + root if root else 'not set'}), then in the places listed.")
     for name in SOURCES.names():
         src = get_source(name)
-        found = src.locate(args.data_root)
-        where = ", ".join(str(p) for p in src.search_paths(args.data_root)) if hasattr(src, "search_paths") else ""
-        status = f"found: {found}" if found else f"missing (looks in {where})"
-        print(f"{name:<16} {src.num_classes:>5} classes  {status}")
-        if not found and src.how_to_get:
-            print(f"{'':<16} {src.how_to_get}")
+        if src.name != name:  # an alias: listed with its source
+            continue
+        title = name + (f" ({', '.join(src.aliases)})" if src.aliases else "")
+        classes = src.num_classes or "?"
+        shape = f"{src.channels}x{src.image_size}x{src.image_size}"
+        found = src.locate(root)
+        print(f"\n{title:<24} {classes:>5} classes  {shape:<10} {'found' if found else 'MISSING'}")
+        if found:
+            print(textwrap.fill(f"at: {found}", width, initial_indent=indent, subsequent_indent=indent + "    "))
+            continue
+        paths = src.search_paths(root)
+        where = ", ".join(str(p) for p in paths) if paths else "nowhere until data.root is set"
+        print(textwrap.fill(f"looks in: {where}", width, initial_indent=indent, subsequent_indent=indent + "    ",
+                            break_on_hyphens=False))
+        hint = src.get_hint()
+        if hint:
+            print(textwrap.fill(f"to get it: {hint}", width, initial_indent=indent, subsequent_indent=indent + "    ",
+                                break_on_hyphens=False))
     return 0
 
 

@@ -324,8 +324,8 @@ def from_dict(raw: dict) -> Config:
     from .models import MODELS
 
     raw = dict(raw)
-    model_raw = dict(raw.pop("model", None) or {"name": "vit"})
-    method_raw = dict(raw.pop("method", None) or {"name": "finetune"})
+    model_raw = {"name": "vit", **(raw.pop("model", None) or {})}
+    method_raw = {"name": "finetune", **(raw.pop("method", None) or {})}
     cfg = build(Config, raw)
     cfg.model = _build_named(MODELS, model_raw, "model")
     cfg.method = _build_named(METHODS, method_raw, "method")

@@ -5,7 +5,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from .dataset import ImageSet, fit_images, per_class_head
+from .dataset import ConcatReader, ImageSet, fit_images, per_class_head
 from .orders import resolve_class_order
 from .scenario import Scenario, check_class_order, make_increments
 from .sources import get_source
@@ -21,7 +21,7 @@ def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:
     size = cfg.image_size or source.image_size
     channels = cfg.channels or source.channels
     train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
-    n = source.num_classes
+    n = source.count_classes(cfg.root)
     order = resolve_class_order(cfg.class_order, n, cfg.class_order_seed)
     check_class_order(order, n)
     increments = make_increments(len(order), cfg.initial_increment, cfg.increment)
@@ -39,16 +39,18 @@ def _dataset_sequence(cfg: DataConfig, shapes_only: bool) -> Scenario:
     size = cfg.image_size or max(s.image_size for s in sources)
     channels = cfg.channels or max(s.channels for s in sources)
     trains, tests, names, shift = [], [], [], 0
+    counts = []
     for s in sources:
         train, test = _load_pair(s, cfg, shapes_only)
         train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
+        n = s.count_classes(cfg.root)
         trains.append(_shift(train, shift))
         tests.append(_shift(test, shift))
-        names += [f"{s.name}:{c}" for c in (train.class_names or range(s.num_classes))]
-        shift += s.num_classes
+        names += [f"{s.name}:{c}" for c in (train.class_names or range(n))]
+        counts.append(n)
+        shift += n
     train, test = _concat(trains), _concat(tests)
-    scenario = Scenario(train, test, list(range(shift)), [s.num_classes for s in sources], cfg.setting, names,
-                        [s.name for s in sources])
+    scenario = Scenario(train, test, list(range(shift)), counts, cfg.setting, names, [s.name for s in sources])
     scenario.mean, scenario.std = (0.5,) * channels, (0.5,) * channels  # no single source's statistics apply
     return scenario
 
@@ -90,11 +92,4 @@ def _concat(sets: list[ImageSet]) -> ImageSet:
     targets = torch.cat([s.targets for s in sets])
     if all(s.in_memory for s in sets):
         return ImageSet(targets, torch.cat([s.images for s in sets]))
-    bounds = torch.tensor([0] + [len(s) for s in sets]).cumsum(0)
-    readers = [s.read if not s.in_memory else (lambda i, s=s: s.images[i]) for s in sets]
-
-    def read(i: int) -> torch.Tensor:
-        k = int(torch.searchsorted(bounds, torch.tensor(i), right=True)) - 1
-        return readers[k](i - int(bounds[k]))
-
-    return ImageSet(targets, None, read, image_size=sets[0].image_size, channels=sets[0].channels)
+    return ImageSet(targets, None, ConcatReader(sets), image_size=sets[0].image_size, channels=sets[0].channels)

@@ -46,8 +46,33 @@ class ImageSet:
         keep = keep.long()
         if self.in_memory:
             return ImageSet(self.targets[keep], self.images[keep], None, self.class_names)
-        read, idx = self.read, keep.tolist()
-        return ImageSet(self.targets[keep], None, lambda i: read(idx[i]), self.class_names, self.image_size, self.channels)
+        return ImageSet(self.targets[keep], None, RowReader(self.read, keep.tolist()), self.class_names,
+                        self.image_size, self.channels)
+
+
+class RowReader:
+    """`read` restricted to some rows: row i of the view is row rows[i] of the base. A class rather than a closure,
+    so lazy sets pickle into DataLoader workers under any start method."""
+
+    def __init__(self, read: Callable[[int], torch.Tensor], rows: list[int]):
+        self.read, self.rows = read, rows
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self.read(self.rows[i])
+
+
+class ConcatReader:
+    """Reads row i of the concatenation of several sets (lazy or in memory)."""
+
+    def __init__(self, sets: list["ImageSet"]):
+        self.parts = [s.read if not s.in_memory else s.images for s in sets]
+        self.bounds = torch.tensor([0] + [len(s) for s in sets]).cumsum(0)
+
+    def __call__(self, i: int) -> torch.Tensor:
+        k = int(torch.searchsorted(self.bounds, torch.tensor(i), right=True)) - 1
+        part = self.parts[k]
+        j = i - int(self.bounds[k])
+        return part[j] if isinstance(part, torch.Tensor) else part(j)
 
 
 def fit_images(images: torch.Tensor, size: int, channels: int, mode: str = "resize") -> torch.Tensor:

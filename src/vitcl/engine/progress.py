@@ -24,6 +24,10 @@ class Progress:
         self.images, self.loss_sum, self.loss_n = 0, 0.0, 0
         self.t0 = time.perf_counter()
 
+    def start_epoch(self):
+        """The loss shown is the mean over the current epoch's steps."""
+        self.loss_sum, self.loss_n = 0.0, 0
+
     def step(self, n_images: int, loss: float | None, epoch_label: str):
         self.done += 1
         self.images += n_images

@@ -219,6 +219,7 @@ class Trainer:
         for epoch in range(s.epoch, phase.epochs):
             torch.manual_seed(stable_seed(cfg.run.seed, task.index, p, epoch, self.rank))
             set_lr(optimizer, lr_at(phase, epoch))
+            self.progress.start_epoch()
             loss = self.train_epoch(task, p, phase, epoch, indices, optimizer, params, label)
             s.epoch = epoch + 1
             s.task_time = time.perf_counter() - task_t0
@@ -322,8 +323,8 @@ class Trainer:
         self.progress.message(msg + f" · task-IL {res['seen_task_il']:.2f}")
         s.task, s.phase, s.epoch, s.begun, s.memory_updated = task.index + 1, 0, 0, False, False
         s.task_time, s.task_images = 0.0, 0
+        self.save_checkpoint(f"task_{task.index}.pt")  # before last.pt: a resume never skips a task checkpoint
         self.save_checkpoint()
-        self.save_checkpoint(f"task_{task.index}.pt")
         if dist.is_main():
             write_results(self.run_dir, self.results())
 

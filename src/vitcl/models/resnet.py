@@ -1,4 +1,5 @@
-"""ResNets of the papers' CNN baselines: ResNet-18 (CIFAR or ImageNet stem) and the CIFAR ResNet-32."""
+"""ResNets of the papers' CNN baselines: ResNet-18 (CIFAR or ImageNet stem) and the CIFAR ResNet-32
+(He et al. 2016, option-A shortcuts, 0.46M parameters, as in iCaRL/PODNet/DER)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,10 +10,23 @@ from torch import nn
 from .registry import register_model
 
 
+class PadShortcut(nn.Module):
+    """He et al.'s option A: subsample by the stride and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, planes: int, stride: int):
+        super().__init__()
+        self.planes, self.stride = planes, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.planes - x.shape[1]
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "conv"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -21,7 +35,8 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample = PadShortcut(planes, stride) if shortcut == "pad" else nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -32,7 +47,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """Layout names follow torchvision (conv1, bn1, layer1..4) so its state dicts load by key."""
 
-    def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: str = "cifar"):
+    def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: str = "cifar",
+                 shortcut: str = "conv"):
         super().__init__()
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
@@ -50,7 +66,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(n):
-                stage.append(BasicBlock(in_planes, w, stride if j == 0 else 1))
+                stage.append(BasicBlock(in_planes, w, stride if j == 0 else 1, shortcut))
                 in_planes = w
             layers.append(nn.Sequential(*stage))
         for i, layer in enumerate(layers):
@@ -100,4 +116,4 @@ def build_resnet18(opts: ResNet18Options, img_size: int, in_chans: int) -> ResNe
 @register_model("resnet32", ResNet32Options)
 def build_resnet32(opts: ResNet32Options, img_size: int, in_chans: int) -> ResNet:
     w = opts.width
-    return ResNet([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar")
+    return ResNet([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad")

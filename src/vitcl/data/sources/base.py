@@ -1,9 +1,23 @@
-"""The source interface: a dataset in its standard on-disk format, read into an ImageSet."""
+"""The source interface: a dataset in its standard on-disk format, read into an ImageSet.
+
+Where a source looks for its files, in this order (the first folder that holds them all wins):
+1. `<data.root>/<name>` (and `<data.root>/<alias>`), then `<data.root>` itself;
+2. `$VITCL_DATA/<name>` when that variable is set;
+3. `/usr/share/datasets/<name>` (where Debian's `dataset-*` packages install);
+4. `~/.cache/vitcl/<name>`, where downloads go when no data.root is given.
+When none holds them and `data.download=true`, a source with official addresses downloads them (checked against
+their md5) into `<data.root>/<name>`, or into the cache when no root is given.
+
+Files found on disk are not checked against the md5 of the official archives: repackaged copies (Debian's are
+recompressed) are fine as long as their content parses; each reader validates what it reads.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import sys
+import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -14,21 +28,24 @@ from ...registry import Registry
 from ..dataset import ImageSet
 
 SOURCES: Registry = Registry("dataset")
+SYSTEM_DIR = Path("/usr/share/datasets")
 
 
 @dataclass(frozen=True)
 class Remote:
-    """A file at its official address with its checksum."""
+    """A file at its official address with its checksum; `mirrors` are tried in order when the first fails."""
 
     url: str
     filename: str
     md5: str
+    mirrors: tuple[str, ...] = ()
 
 
 class Source:
     """Subclasses set the class attributes and implement `load`; `locate` finds the files."""
 
     name: str = ""
+    aliases: tuple[str, ...] = ()  # other registered names (and folder names) of the same dataset
     num_classes: int = 0
     channels: int = 3
     image_size: int = 32
@@ -38,56 +55,117 @@ class Source:
     remotes: tuple[Remote, ...] = ()
     how_to_get: str = ""  # one sentence for the error when the files are missing
 
+    # ------------------------------------------------------------------------------------------ finding files
     def search_paths(self, root: str | None) -> list[Path]:
-        paths = []
+        """Candidate dataset folders, in lookup order."""
+        names = (self.name, *self.aliases)
+        paths: list[Path] = []
         if root:
-            paths += [Path(root) / self.name, Path(root)]
+            base = Path(root).expanduser()
+            paths += [base / n for n in names] + [base]
         env = os.environ.get("VITCL_DATA")
         if env:
-            paths.append(Path(env) / self.name)
-        paths += [Path.home() / ".cache" / "vitcl" / self.name, Path("/usr/share/datasets") / self.name]
-        return paths
+            paths += [Path(env).expanduser() / n for n in names]
+        paths += [SYSTEM_DIR / n for n in names]
+        paths.append(self.cache_dir())
+        out: list[Path] = []
+        for p in paths:
+            if p not in out:
+                out.append(p)
+        return out
+
+    def cache_dir(self) -> Path:
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vitcl" / self.name
+
+    def download_dir(self, root: str | None) -> Path:
+        """Where `download` puts the files: `<root>/<name>`, or the user cache without a root."""
+        return Path(root).expanduser() / self.name if root else self.cache_dir()
+
+    def complete(self, path: Path) -> bool:
+        """Whether folder `path` holds everything this source reads."""
+        return bool(self.files) and all((path / f).is_file() for f in self.files)
 
     def locate(self, root: str | None) -> Path | None:
         for path in self.search_paths(root):
-            if self.files and all((path / f).exists() for f in self.files):
+            if path.is_dir() and self.complete(path):
                 return path
         return None
+
+    def get_hint(self) -> str:
+        """How to obtain the files, in one sentence."""
+        hint = self.how_to_get.rstrip(", ")
+        if self.remotes:
+            where = self.remotes[0].url.rsplit("/", 1)[0]
+            hint = (hint + ", or " if hint else "") + f"run with data.download=true to fetch it from {where}"
+        return hint or "place the files there"
+
+    def missing_message(self, root: str | None) -> str:
+        where = ", ".join(str(p) for p in self.search_paths(root))
+        need = f" (expected {', '.join(self.files)})" if self.files else ""
+        return f"{self.name}: files not found{need}; looked in {where}; {self.get_hint()}"
 
     def require(self, root: str | None, download: bool = False) -> Path:
         found = self.locate(root)
         if found is not None:
             return found
         if download and self.remotes:
-            return self.download(self.search_paths(root)[0] if root else self.search_paths(None)[-2])
-        where = ", ".join(str(p) for p in self.search_paths(root))
-        hint = self.how_to_get or (
-            "run with data.download=true when online" if self.remotes else "place the files there")
-        raise DataError(f"{self.name}: files not found (looked in {where}); {hint}")
+            dest = self.download(self.download_dir(root))
+            if self.complete(dest):
+                return dest
+            raise DataError(f"{self.name}: downloaded into {dest}, but it still lacks some of {', '.join(self.files)}")
+        raise DataError(self.missing_message(root))
 
+    # ------------------------------------------------------------------------------------------ downloading
     def download(self, dest: Path) -> Path:
-        dest.mkdir(parents=True, exist_ok=True)
-        for remote in self.remotes:
-            target = dest / remote.filename
-            if target.exists() and md5sum(target) == remote.md5:
-                continue
-            print(f"downloading {remote.url} -> {target}", flush=True)
-            fd, tmp = tempfile.mkstemp(dir=dest, suffix=".part")
-            try:
-                with urllib.request.urlopen(remote.url, timeout=60) as response, os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(response, out)
-            except OSError as exc:
-                Path(tmp).unlink(missing_ok=True)
-                raise DataError(f"{self.name}: download of {remote.url} failed ({exc})") from None
-            if md5sum(Path(tmp)) != remote.md5:
-                Path(tmp).unlink(missing_ok=True)
-                raise DataError(f"{self.name}: {remote.url} does not match its md5 {remote.md5}")
-            os.replace(tmp, target)
-            self.unpack(target, dest)
+        """Fetch every remote into dest (skipping files already there with the right md5), check, unpack.
+
+        A failed or mismatching download leaves nothing behind: the partial file is removed, and so is dest when
+        this call created it and it is still empty."""
+        created = not dest.exists()
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"{self.name}: cannot create {dest} for the download ({exc.strerror})") from None
+        try:
+            for remote in self.remotes:
+                target = dest / remote.filename
+                if target.is_file() and md5sum(target) == remote.md5:
+                    continue
+                self._fetch(remote, target)
+                self.unpack(target, dest)
+        except BaseException:
+            if created and dest.is_dir() and not any(dest.iterdir()):
+                dest.rmdir()
+            raise
         return dest
+
+    def _fetch(self, remote: Remote, target: Path) -> None:
+        errors = []
+        for url in (remote.url, *remote.mirrors):
+            print(f"{self.name}: downloading {url} -> {target}", file=sys.stderr, flush=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.filename}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                    shutil.copyfileobj(response, out, 1 << 20)
+                got = md5sum(Path(tmp))
+                if got != remote.md5:
+                    errors.append(f"{url} has md5 {got}, expected {remote.md5}")
+                    continue
+                os.replace(tmp, target)
+                return
+            except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors; ValueError: a bad URL
+                errors.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"{self.name}: download of {remote.filename} failed ({'; '.join(errors)})")
 
     def unpack(self, archive: Path, dest: Path) -> None:
         """Extract a downloaded archive when the format needs it (tarballs)."""
+
+    # ------------------------------------------------------------------------------------------ reading
+    def count_classes(self, root: str | None) -> int:
+        """Number of classes, without reading images (sources whose class count depends on the files override)."""
+        return self.num_classes
 
     def load(self, root: str | None, train: bool, download: bool = False) -> ImageSet:
         raise NotImplementedError
@@ -99,6 +177,30 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def extract_tar(archive: Path, dest: Path) -> None:
+    """Extract a tarball into dest, refusing members that would land outside it."""
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+                return
+            base = dest.resolve()
+            for member in tar.getmembers():
+                target = (dest / member.name).resolve()
+                if base != target and base not in target.parents or member.issym() or member.islnk():
+                    raise DataError(f"{archive}: refusing to extract {member.name!r} (outside {dest} or a link)")
+            tar.extractall(dest)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{archive}: cannot extract the archive ({exc})") from None
+
+
+def register(cls: type[Source]) -> type[Source]:
+    """Register a source class under its name and its aliases."""
+    for key in (cls.name, *cls.aliases):
+        SOURCES.register(key)(cls)
+    return cls
 
 
 def get_source(name: str, key: str = "data.dataset") -> Source:

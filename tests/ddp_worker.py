@@ -1,0 +1,21 @@
+"""Run under torchrun by test_distributed.py: train a tiny replay run, then save this rank's memory."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from vitcl.config import load_config  # noqa: E402
+from vitcl.engine import distributed as dist  # noqa: E402
+from vitcl.engine.trainer import Trainer  # noqa: E402
+
+out = Path(sys.argv[1])
+cfg, _ = load_config(["replay/digits-b0inc2"], sys.argv[2:])
+(out / "run").mkdir(parents=True, exist_ok=True)
+trainer = Trainer(cfg, out / "run", progress=False)
+assert trainer.world == 2, trainer.world
+trainer.fit()
+torch.save(trainer.method.memory.state_dict(), out / f"memory_rank{trainer.rank}.pt")
+dist.barrier()
+dist.shutdown()

@@ -1,0 +1,71 @@
+import pytest
+
+from vitcl.config import from_dict, load_config, parse_override, preset_names
+from vitcl.errors import ConfigError
+
+
+def test_presets_listed_and_loadable():
+    names = preset_names()
+    assert "replay/digits-b0inc2" in names
+    assert not any(n.startswith(("data/", "base/")) for n in names)
+    for name in names:
+        load_config([name])
+
+
+def test_stacked_files_and_overrides(tmp_path):
+    data = tmp_path / "d.yaml"
+    data.write_text("data: {dataset: digits, increment: 5}\n")
+    method = tmp_path / "m.yaml"
+    method.write_text("method: {name: replay}\nmemory: {size: 50}\ntrain: {epochs: 3}\n")
+    cfg, _ = load_config([str(data), str(method)], ["train.epochs=7", "train.lr=1e-3", "model.depth=2"])
+    assert cfg.data.increment == 5 and cfg.method.name == "replay" and cfg.memory.size == 50
+    assert cfg.train.epochs == 7 and cfg.train.lr == pytest.approx(1e-3) and cfg.model.depth == 2
+
+
+def test_defaults_are_merged_before_the_file(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("defaults: [replay/digits-b0inc2]\ntrain: {epochs: 1}\n")
+    cfg, _ = load_config([str(f)])
+    assert cfg.train.epochs == 1 and cfg.method.name == "replay" and cfg.memory.size == 200
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.epochz=3", "train.epochz"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.lr=-1", "train.lr"),
+    ("model.nope=1", "model.nope"),
+    ("method.name=nosuch", "method.name"),
+    ("data.setting=online", "data.setting"),
+    ("memory.per_class=5", "memory.per_class"),  # the preset also sets memory.size
+    ("train.schedule=multistep", "train.milestones"),
+    ("data.augment.label_smoothing=1.5", "data.augment.label_smoothing"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(["replay/digits-b0inc2"], [override])
+    assert str(err.value).startswith(key)
+
+
+def test_switching_model_replaces_its_section():
+    cfg, _ = load_config(["replay/digits-b0inc2"], ["model.name=resnet32"])
+    assert cfg.model.name == "resnet32" and cfg.model.width == 16
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError):
+        parse_override("train.epochs")
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match="^trian: unknown key"):
+        from_dict({"trian": {}})
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([str(tmp_path / "none.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config([str(bad)])
