@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,32 @@ def test_download_with_wrong_md5_leaves_nothing(tmp_path):
         src.load(str(tmp_path / "data"), train=True, download=True)
     assert sorted(files)[0] in str(err.value)
     assert not (tmp_path / "data" / "mnist").exists()
+    assert list((tmp_path / "data").iterdir()) == []  # no partial file, no lock file
+
+
+def test_concurrent_downloads_take_turns(tmp_path):
+    make_cifar100(tmp_path / "build", n_train=100, n_test=100)
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "build" / "cifar-100-python", arcname="cifar-100-python")
+    remotes = _local_remotes(tmp_path, {archive.name: archive.read_bytes()})
+    results, errors = [], []
+
+    def fetch():
+        src = get_source("cifar100")
+        src.remotes = remotes
+        try:
+            results.append(len(src.load(str(tmp_path / "data"), train=False, download=True)))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [100, 100, 100]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar100"]
 
 
 def test_download_failure_names_the_url(tmp_path):
@@ -369,3 +396,12 @@ def test_cli_datasets_lists_every_source(tmp_path, capsys):
     block = out.split("\nmnist", 1)[1].split("\n\n", 1)[0]
     assert "MISSING" in block and str(tmp_path / "mnist") in block and "data.download=true" in block
     assert "imagenet1000 (imagenet)" in out
+
+
+def test_cli_run_with_missing_data_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["run", "-q", "finetune/fashion-mnist-b0inc2", f"run.out_dir={tmp_path / 'runs'}",
+                 f"data.root={tmp_path / 'data'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("vitcl: error: fashion-mnist: files not found") and "apt-get install" in err
+    assert not (tmp_path / "runs").exists()  # nothing written before the data is found

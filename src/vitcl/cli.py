@@ -1,8 +1,9 @@
-"""vitcl run | resume | eval | report | params | datasets | presets."""
+"""vitcl run | resume | eval | analyze | report | params | datasets | presets."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -137,6 +138,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .engine import checkpoint
+    from .engine.trainer import Trainer
+    from .eval.locality import ANALYSES, analyse_task, summarise
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run(run_dir)
+    stored = sorted((run_dir / "checkpoints").glob("task_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not stored:
+        raise VitclError(f"{run_dir / 'checkpoints'}: no task checkpoints (task_N.pt) to analyse")
+    analyses = args.analyses.split(",") if args.analyses else list(ANALYSES)
+    bad = [a for a in analyses if a not in ANALYSES]
+    if bad:
+        raise VitclError(f"--analyses: unknown {bad}; expected a comma list of {', '.join(ANALYSES)}")
+    samples = args.samples or cfg.eval.analysis_samples
+    images = args.images if args.images is not None else cfg.eval.analysis_images
+    out = run_dir / "analysis"
+    trainer = Trainer(cfg, run_dir, progress=False)
+    for path in stored:
+        trainer.method = type(trainer.method)(cfg, trainer.scenario, trainer.device)
+        trainer.restore(checkpoint.load(path))
+        t = int(path.stem.split("_")[1])
+        res = analyse_task(trainer, t, out, analyses, samples, images)
+        layers = " ".join(f"{d:.2f}" for d in res.nonlocality)
+        print(f"task {t + 1}: non-locality per layer {layers}" if layers else f"task {t + 1}: analysed",
+              file=sys.stderr)
+    summarise(out, cfg.method.name)
+    print(f"analysis: {out / 'locality.json'} · plots: {run_dir / 'plots'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .eval.report import comparison_table
 
@@ -144,35 +176,74 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_params(args) -> int:
-    from .config import load_config
-    from .data.build import build_scenario
+def _build_for_count(cfg, scenario):
+    """The method's model on the meta device (shapes only, no memory, instant); on CPU if the method needs real
+    tensors to build. Pretrained weights are never loaded for counting."""
+    import torch
+
     from .methods import METHODS
 
+    if hasattr(cfg.model, "pretrained"):
+        cfg.model.pretrained = None
+    cls = METHODS.get(cfg.method.name, "method.name")
+    try:
+        with torch.device("meta"):
+            return cls(cfg, scenario, torch.device("meta")), torch.device("meta")
+    except (NotImplementedError, RuntimeError):
+        return cls(cfg, scenario, torch.device("cpu")), torch.device("cpu")
+
+
+def param_rows(cfg) -> tuple[list[dict], object]:
+    """Per task: total and trainable parameters after begin_task and the first phase's setup, growth over the
+    first task and, where the method has a reference (one backbone with one head), the % increase over it."""
     import torch
+
+    from .data.build import build_scenario
+
+    scenario = build_scenario(cfg.data, shapes_only=True)
+    method, device = _build_for_count(cfg, scenario)
+    rows = []
+    with torch.device(device):
+        for task in scenario:
+            method.begin_task(task)
+            for phase in method.phases(task)[:1]:
+                method.setup_phase(phase, task)
+            c = method.count_parameters()
+            rows.append({"task": task.index, "classes_seen": task.end, "total": c.total, "trainable": c.trainable})
+    base, ref = rows[0]["total"], method.reference_count()
+    for r in rows:
+        r["growth"] = r["total"] - base
+        r["increase_pct"] = 100 * (r["total"] / ref - 1) if ref else None
+    return rows, scenario
+
+
+def millions(n: float, rounding: str = "truncate") -> str:
+    """n in millions with two decimals, truncated (DyTox's tables) or rounded (the Mask-RKR table)."""
+    if rounding == "round":
+        return f"{n / 1e6:.2f}"
+    return f"{math.floor(n / 1e4 + 1e-9) / 100:.2f}"
+
+
+def cmd_params(args) -> int:
+    from .config import load_config
 
     sources, overrides = _split_args(args.items)
     cfg, _ = load_config(sources or [DEFAULT_PRESET], overrides)
-    scenario = build_scenario(cfg.data, shapes_only=True)
-    method = METHODS.get(cfg.method.name)(cfg, scenario, torch.device("cpu"))
-    rows = []
-    for task in scenario:
-        method.begin_task(task)
-        for phase in method.phases(task)[:1]:
-            method.setup_phase(phase, task)
-        c = method.count_parameters()
-        rows.append({"task": task.index, "classes_seen": task.end, "total": c.total, "trainable": c.trainable})
-    base = rows[0]["total"]
-    for r in rows:
-        r["growth"] = r["total"] - base
+    rows, scenario = param_rows(cfg)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{cfg.method.name} · {cfg.model.name} · {scenario.describe()}")
-    print(f"{'task':>5} {'classes':>8} {'total':>14} {'(M)':>7} {'trainable':>14} {'growth':>12}")
+    pct = rows[0]["increase_pct"] is not None
+    print(f"{'task':>5} {'classes':>8} {'total':>16} {'(M)':>8} {'trainable':>14} {'growth':>12}"
+          + (f" {'vs 1 backbone+head':>19}" if pct else ""))
+    def num(x: float) -> str:  # binary masks make counts fractional
+        return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.2f}"
+
     for r in rows:
-        print(f"{r['task'] + 1:>5} {r['classes_seen']:>8} {r['total']:>14,.0f} {int(r['total'] / 1e4) / 100:>7.2f} "
-              f"{r['trainable']:>14,.0f} {r['growth']:>+12,.0f}")
+        print(f"{r['task'] + 1:>5} {r['classes_seen']:>8} {num(r['total']):>16} {millions(r['total'], args.rounding):>8} "
+              f"{num(r['trainable']):>14} {r['growth']:>+12,.0f}"
+              + (f" {r['increase_pct']:>+18.2f}%" if pct else ""))
     return 0
 
 
@@ -232,12 +303,21 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("eval", help="re-evaluate the saved task checkpoints of a run")
     r.add_argument("run_dir")
     r.set_defaults(fn=cmd_eval)
+    r = sub.add_parser("analyze", help="locality analyses of a run's task checkpoints (non-locality, spectrum, "
+                                       "attention heat maps)")
+    r.add_argument("run_dir")
+    r.add_argument("--analyses", default=None, help="comma list of nonlocality,spectrum,heatmaps (default: all)")
+    r.add_argument("--samples", type=int, default=None, help="held-out batch size (default: eval.analysis_samples)")
+    r.add_argument("--images", type=int, default=None, help="images in the heat maps (default: eval.analysis_images)")
+    r.set_defaults(fn=cmd_analyze)
     r = sub.add_parser("report", help="Markdown table comparing runs")
     r.add_argument("run_dirs", nargs="+")
     r.set_defaults(fn=cmd_report)
     r = sub.add_parser("params", help="parameter count after each task, without training")
     r.add_argument("items", nargs="*")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
+                   help="the (M) column: truncated like DyTox's tables (default) or rounded like the Mask-RKR table")
     r.set_defaults(fn=cmd_params)
     r = sub.add_parser("datasets", help="list data sources and whether their files are found")
     r.add_argument("--data-root", default=None)

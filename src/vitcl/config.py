@@ -103,6 +103,12 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 256
     top_k: int = 5
+    # analyses recorded after each task on a fixed held-out test batch, into RUN_DIR/analysis (`vitcl analyze`
+    # computes the same from the task checkpoints): non-locality per layer and head, covariance spectrum of the
+    # final representation, attention heat maps
+    analyses: list[Literal["nonlocality", "spectrum", "heatmaps"]] = field(default_factory=list)
+    analysis_samples: int = 256  # size of the held-out batch (balanced over all classes, same for every run)
+    analysis_images: int = 4  # images in the heat-map grid (the first ones of the held-out batch)
 
 
 @dataclass
@@ -347,6 +353,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "train.epochs": t.epochs, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "eval.batch_size": cfg.eval.batch_size, "train.checkpoint_every": t.checkpoint_every,
+        "eval.analysis_samples": cfg.eval.analysis_samples,
     }
     for key, value in positive.items():
         if value < 1:

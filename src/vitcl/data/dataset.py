@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,19 +47,20 @@ class ImageSet:
         keep = keep.long()
         if self.in_memory:
             return ImageSet(self.targets[keep], self.images[keep], None, self.class_names)
-        return ImageSet(self.targets[keep], None, RowReader(self.read, keep.tolist()), self.class_names,
-                        self.image_size, self.channels)
+        return ImageSet(self.targets[keep], None, RowReader(self.read, keep), self.class_names, self.image_size,
+                        self.channels)
 
 
 class RowReader:
     """`read` restricted to some rows: row i of the view is row rows[i] of the base. A class rather than a closure,
-    so lazy sets pickle into DataLoader workers under any start method."""
+    so lazy sets pickle into DataLoader workers under any start method; the rows are one numpy array (no Python
+    objects per row to copy or refcount)."""
 
-    def __init__(self, read: Callable[[int], torch.Tensor], rows: list[int]):
-        self.read, self.rows = read, rows
+    def __init__(self, read: Callable[[int], torch.Tensor], rows: torch.Tensor):
+        self.read, self.rows = read, rows.numpy().astype(np.int64)
 
     def __call__(self, i: int) -> torch.Tensor:
-        return self.read(self.rows[i])
+        return self.read(int(self.rows[i]))
 
 
 class ConcatReader:

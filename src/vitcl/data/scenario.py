@@ -95,7 +95,8 @@ def make_increments(n_classes: int, initial: int, increment: int | list[int]) ->
         return incs
     first = initial or increment
     if first > n_classes:
-        raise ConfigError(f"data.initial_increment: {first} classes in the first task, but only {n_classes} exist")
+        key = "data.initial_increment" if initial else "data.increment"
+        raise ConfigError(f"{key}: {first} classes in the first task, but only {n_classes} exist")
     rest = n_classes - first
     if rest % increment:
         raise ConfigError(f"data.increment: {rest} classes after the first task do not split into tasks of {increment}")

@@ -14,10 +14,17 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.dataset import ImageSet, fit_images
 
 
-def epoch_order(n: int, seed: int, shuffle: bool, repeats: int = 1) -> torch.Tensor:
-    """Positions 0..n-1 for one epoch; with repeats > 1 each appears `repeats` times (repeated augmentation),
-    a fresh permutation every epoch."""
+def epoch_order(n: int, seed: int, shuffle: bool, repeats: int = 1, repeat_mode: str = "extend") -> torch.Tensor:
+    """Positions 0..n-1 for one epoch, a fresh permutation every epoch. With repeats > 1 (repeated augmentation):
+    - "extend": each position appears `repeats` times, spread over an epoch `repeats` times longer;
+    - "deit": DeiT's RASampler: the epoch keeps n samples, the first ceil(n / repeats) positions of the permutation
+      each repeated `repeats` times in a row (so the copies share a global batch): about n / repeats images."""
     g = torch.Generator().manual_seed(seed)
+    if repeats > 1 and repeat_mode == "deit":
+        perm = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        return perm[: -(-n // repeats)].repeat_interleave(repeats)[:n]
+    if repeat_mode not in ("extend", "deit"):
+        raise ValueError(f"unknown repeat mode {repeat_mode!r}")
     base = torch.arange(n).repeat_interleave(repeats) if repeats > 1 else torch.arange(n)
     return base[torch.randperm(len(base), generator=g)] if shuffle else base
 

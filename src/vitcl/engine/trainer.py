@@ -51,6 +51,7 @@ class RunState:
     begun: bool = False  # begin_task already ran for `task`
     memory_updated: bool = False
     evals: list[dict] = field(default_factory=list)  # task-end evaluations, in order
+    periodic: list[dict] = field(default_factory=list)  # periodic evaluations during training: task, epoch, accuracies
     tasks: list[dict] = field(default_factory=list)  # per task: params, time, throughput, peak memory
     task_time: float = 0.0  # seconds spent in the current task before the last checkpoint
     task_images: int = 0
@@ -211,7 +212,8 @@ class Trainer:
         indices = self.phase_indices(phase, task)
         if len(indices) == 0:
             raise TrainingError(f"task {task.index}: phase '{phase.name}' has no data ({phase.data} is empty)")
-        n_batches = len(global_batches(torch.arange(len(indices) * phase.repeats), phase.batch_size, phase.drop_last))
+        epoch_len = len(epoch_order(len(indices), 0, False, phase.repeats, phase.repeat_mode))
+        n_batches = len(global_batches(torch.arange(epoch_len), phase.batch_size, phase.drop_last))
         if cfg.train.max_batches:
             n_batches = min(n_batches, cfg.train.max_batches)
         label = f"task {task.index + 1}/{len(self.scenario)} · {phase.name}"
@@ -227,7 +229,10 @@ class Trainer:
             periodic = cfg.train.eval_every and s.epoch % cfg.train.eval_every == 0 and s.epoch < phase.epochs
             if periodic:
                 res = self.evaluate(task.index)
-                extra = f"acc {res['seen_class_il']:.2f}"
+                key = "seen_task_il" if self.method.task_conditioned else "seen_class_il"
+                extra = f"acc {res[key]:.2f}"
+                s.periodic.append({"task": task.index, "phase": phase.name, "epoch": s.epoch,
+                                   "class_il": res["class_il"], "task_il": res["task_il"]})
                 self.log_metrics({"kind": "periodic", "task": task.index, "phase": phase.name, "epoch": s.epoch,
                                   "loss": loss, **res})
             self.progress.end_epoch(f"epoch {s.epoch}/{phase.epochs} · lr {lr_at(phase, epoch):.2e}", extra)
@@ -237,7 +242,7 @@ class Trainer:
     def train_epoch(self, task, p, phase, epoch, indices, optimizer, params, label) -> float:
         cfg = self.cfg
         order = epoch_order(len(indices), stable_seed(cfg.run.seed, task.index, p, epoch, "order"), phase.shuffle,
-                            phase.repeats)
+                            phase.repeats, phase.repeat_mode)
         batches = global_batches(order, phase.batch_size, phase.drop_last)
         if cfg.train.max_batches:
             batches = batches[: cfg.train.max_batches]
@@ -314,6 +319,10 @@ class Trainer:
                 "trainable": count.trainable, "seconds": seconds, "images": s.task_images,
                 "images_per_s": s.task_images / max(seconds, 1e-9), "peak_memory_bytes": int(peak),
                 "peak_memory_kind": "cuda" if self.device.type == "cuda" else "cpu-rss"}
+        if self.cfg.eval.analyses and dist.is_main():
+            from ..eval.locality import record_after_task
+
+            record_after_task(self, task)
         s.evals.append(res)
         s.tasks.append(info)
         self.log_metrics({"kind": "task_end", **res, **{k: v for k, v in info.items() if k != "task"}})
@@ -331,7 +340,8 @@ class Trainer:
     def results(self) -> dict:
         from ..eval.report import build_results
 
-        return build_results(self.cfg, self.scenario, self.state.evals, self.state.tasks, self.method)
+        return build_results(self.cfg, self.scenario, self.state.evals, self.state.tasks, self.method,
+                             self.state.periodic)
 
 
 def write_results(run_dir: Path, results: dict) -> None:

@@ -14,7 +14,20 @@ def _matrix(evals: list[dict], key: str) -> list[list[float]]:
     return [[e[key][j] if j < len(e[key]) else math.nan for j in range(T)] for e in evals]
 
 
-def build_results(cfg, scenario, evals: list[dict], tasks: list[dict], method) -> dict:
+def best_during_training(evals: list[dict], periodic: list[dict], key: str) -> list[float]:
+    """Per task j: the best accuracy on j's test set over the evaluations made while j itself was trained (the
+    periodic ones and the one at its end). This is the public Mask-RKR code's protocol; it never sees what later
+    tasks do to j, so it is reported beside the accuracy matrix, never in its place."""
+    best = []
+    for j, e in enumerate(evals):
+        values = [p[key][j] for p in periodic if p["task"] == j and j < len(p[key])] + [e[key][j]]
+        values = [v for v in values if not math.isnan(v)]
+        best.append(max(values) if values else math.nan)
+    return best
+
+
+def build_results(cfg, scenario, evals: list[dict], tasks: list[dict], method,
+                  periodic: list[dict] | None = None) -> dict:
     out = {
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -32,6 +45,9 @@ def build_results(cfg, scenario, evals: list[dict], tasks: list[dict], method) -
             out[name] = None
             continue
         out[name] = {"acc_matrix": acc, "seen_acc": seen, **summarize(acc, seen)}
+        best = best_during_training(evals, periodic or [], key)
+        out[name]["best_during_training"] = best
+        out[name]["avg_best_during_training"] = sum(best) / len(best) if best else math.nan
     if out["class_il"] is not None:
         out["class_il"]["topk_matrix"] = _matrix(evals, "class_il_topk")
         out["class_il"]["seen_topk"] = [e["seen_class_il_topk"] for e in evals]
@@ -64,6 +80,10 @@ def summary_table(results: dict) -> str:
         lines.append(f"{label:>22}{_fmt(cil[key] if cil else None):>10}{_fmt(til[key] if til else None):>10}")
     if cil and results["tasks_done"]:
         lines.append(f"{'last top-5 acc':>22}{_fmt(cil['seen_topk'][-1]):>10}")
+    if til and not cil and "avg_best_during_training" in til:  # task-conditioned methods
+        lines.append(f"{'best while training*':>22}{_fmt(None):>10}{_fmt(til['avg_best_during_training']):>10}")
+        lines.append("* mean over tasks of each task's best accuracy during its own training (the public Mask-RKR "
+                     "code's protocol; old tasks are not re-evaluated there)")
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ class Phase:
     shuffle: bool = True
     drop_last: bool = False
     repeats: int = 1  # repeated augmentation: each index appears this many times per epoch
+    repeat_mode: str = "extend"  # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
     grad_clip: float | None = None
     memory_batch: int = 0  # >0: draw this many memory rows alongside every batch, into batch.memory
 
@@ -189,6 +190,11 @@ class Method:
     def inference_modules(self) -> nn.Module:
         """What the parameter count covers: the model used at test time (training-only heads excluded)."""
         return self.model
+
+    def reference_count(self) -> float | None:
+        """Parameters of the plain model the method grows from (one backbone with one head), for the percentage
+        growth that `vitcl params` prints; None where it does not apply."""
+        return None
 
     def count_parameters(self) -> ParamCount:
         params = list(self.inference_modules().parameters())

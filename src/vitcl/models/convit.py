@@ -23,13 +23,13 @@ so in the batched decoder each (sample, token) pair gets its own mask by default
 `sep_droppath`). `shared` drops all task tokens of a sample together, as DyTox's single-call `JointCA` did
 (the variant its author found "about 2 points worse").
 
-SAB attention types live in a registry (`SAB_ATTENTIONS`: gpsa, mhsa) so that other variants (LPA's LPSA) plug in
-by name.
+SAB attention types live in a registry (`SAB_ATTENTIONS`: gpsa, mhsa; lpsa from `lpsa.py`) so that other variants
+plug in by name; each SAB may use its own (`sab_layers`, e.g. LPA's "the first k layers are LPSA").
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,8 @@ SAB_ATTENTIONS: Registry = Registry("SAB attention")
 
 
 def register_sab_attention(name: str):
-    """Register fn(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength) -> module (B,N,C)->(B,N,C).
+    """Register fn(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength, **options) -> module
+    (B,N,C)->(B,N,C); `options` are model options meant for one variant (lpsa_lambda_std), ignored by the others.
     A module that initialises itself (a local init, say) sets `owns_init = True` so ConViT leaves it alone;
     otherwise ConViT gives its Linears trunc-normal(0.02) weights and zero biases."""
     return SAB_ATTENTIONS.register(name)
@@ -157,12 +158,12 @@ class GPSA(nn.Module):
 
 
 @register_sab_attention("gpsa")
-def _gpsa(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength):
+def _gpsa(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength, **_):
     return GPSA(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength)
 
 
 @register_sab_attention("mhsa")
-def _mhsa(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength):
+def _mhsa(dim, num_heads, qkv_bias, attn_drop, proj_drop, locality_strength, **_):
     return Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
 
 
@@ -212,6 +213,17 @@ class ClassAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
+
+    def attention_map(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T + N) probabilities of each token over [tokens; patches] (0 on the other tokens), for
+        analyses (attention heat maps)."""
+        T, N = tokens.shape[1], patches.shape[1]
+        q = self._heads(self.q(tokens))
+        k = torch.cat([self._heads(self.k(tokens)), self._heads(self.k(patches))], dim=2)
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5
+        if T > 1:
+            scores = scores.masked_fill(~self.token_mask(T, N, tokens.device), float("-inf"))
+        return scores.softmax(-1)
 
 
 class TokenDropPath(DropPath):
@@ -323,13 +335,26 @@ class ConViTOptions:
     attn_drop: float = 0.0
     drop_path: float = 0.1  # linear from 0 over all `depth` blocks: [0, .02, .04, .06, .08, .1] for DyTox
     locality_strength: float = 1.0
-    sab: str = "gpsa"  # attention of the SABs: gpsa | mhsa (plain multi-head self-attention) | registered others
+    sab: str = "gpsa"  # attention of the SABs: gpsa | mhsa (plain multi-head self-attention) | lpsa (LPA) | others
+    # per-SAB attention, overriding `sab` (one name per SAB, e.g. LPA's first 2 of 5 layers LPSA:
+    # [lpsa, lpsa, gpsa, gpsa, gpsa]); empty: every SAB uses `sab`
+    sab_layers: list[str] = field(default_factory=list)
+    lpsa_lambda_std: float = 0.02  # LPSA only: std of the truncated normal drawing each head's content weight
     decoder: str = "batched"  # batched: all task tokens in one call per TAB | loop: one token at a time
     decoder_drop_path: str = "per_token"  # per_token (= the public per-task loop) | shared (JointCA)
 
     def validate(self, key: str) -> None:
         if self.sab not in SAB_ATTENTIONS:
             raise ConfigError(f"{key}.sab: unknown '{self.sab}'; expected one of: {', '.join(SAB_ATTENTIONS.names())}")
+        for i, name in enumerate(self.sab_layers):
+            if name not in SAB_ATTENTIONS:
+                raise ConfigError(f"{key}.sab_layers[{i}]: unknown '{name}'; expected one of: "
+                                  f"{', '.join(SAB_ATTENTIONS.names())}")
+        if self.sab_layers and len(self.sab_layers) != self.local_up_to_layer:
+            raise ConfigError(f"{key}.sab_layers: {len(self.sab_layers)} names for {self.local_up_to_layer} SABs "
+                              f"(local_up_to_layer); give one per SAB")
+        if self.lpsa_lambda_std < 0:
+            raise ConfigError(f"{key}.lpsa_lambda_std: expected a value >= 0, got {self.lpsa_lambda_std}")
         if self.decoder not in TaskDecoder.MODES:
             raise ConfigError(f"{key}.decoder: expected batched or loop, got {self.decoder!r}")
         if self.decoder_drop_path not in ("per_token", "shared"):
@@ -351,12 +376,17 @@ class ConViT(nn.Module):
     def __init__(self, img_size: int, in_chans: int, patch_size: int = 4, embed_dim: int = 384, depth: int = 6,
                  local_up_to_layer: int = 5, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.1, locality_strength: float = 1.0,
-                 sab: str = "gpsa", decoder: str = "batched", decoder_drop_path: str = "per_token"):
+                 sab: str = "gpsa", decoder: str = "batched", decoder_drop_path: str = "per_token",
+                 sab_layers: list[str] | tuple[str, ...] = (), lpsa_lambda_std: float = 0.02):
         super().__init__()
         rates = torch.linspace(0, drop_path, depth).tolist()
-        make_attn = SAB_ATTENTIONS.get(sab, "model.sab")
-        sabs = [Block(embed_dim, make_attn(embed_dim, num_heads, qkv_bias, attn_drop, drop, locality_strength),
-                      mlp_ratio, drop, rates[i]) for i in range(local_up_to_layer)]
+        kinds = list(sab_layers) or [sab] * local_up_to_layer
+        if len(kinds) != local_up_to_layer:
+            raise ValueError(f"sab_layers names {len(kinds)} attentions for {local_up_to_layer} SABs")
+        sabs = [Block(embed_dim, SAB_ATTENTIONS.get(kind, "model.sab")(
+                    embed_dim, num_heads, qkv_bias, attn_drop, drop, locality_strength,
+                    lpsa_lambda_std=lpsa_lambda_std), mlp_ratio, drop, rates[i])
+                for i, kind in enumerate(kinds)]
         tabs = [TaskAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, rates[i],
                                    per_token_drop_path=decoder_drop_path == "per_token")
                 for i in range(local_up_to_layer, depth)]

@@ -15,5 +15,12 @@ def register_model(name: str, options: type):
 
 
 def create_backbone(opts, img_size: int, in_chans: int):
-    """A backbone exposes num_features, forward_features(x) and forward_head(features) -> (B, num_features)."""
-    return MODELS.get(opts.name, "model.name")(opts, img_size=img_size, in_chans=in_chans)
+    """A backbone exposes num_features, forward_features(x) and forward_head(features) -> (B, num_features).
+    Options with a `pretrained` path get those weights loaded (models/pretrained.py)."""
+    model = MODELS.get(opts.name, "model.name")(opts, img_size=img_size, in_chans=in_chans)
+    path = getattr(opts, "pretrained", None)
+    if path:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, path)
+    return model

@@ -26,17 +26,17 @@ class PadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "conv"):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "conv", bn_affine: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = nn.BatchNorm2d(planes, affine=bn_affine)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = nn.BatchNorm2d(planes, affine=bn_affine)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = PadShortcut(planes, stride) if shortcut == "pad" else nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, affine=bn_affine))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -45,10 +45,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Layout names follow torchvision (conv1, bn1, layer1..4) so its state dicts load by key."""
+    """Layout names follow torchvision (conv1, bn1, layer1..4) so its state dicts load by key.
+
+    bn_affine=False drops BatchNorm's scale and shift (the RKR / Mask-RKR ResNets: their parameter counts, 11.17M
+    for ResNet-18, have none); running statistics stay."""
 
     def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: str = "cifar",
-                 shortcut: str = "conv"):
+                 shortcut: str = "conv", bn_affine: bool = True):
         super().__init__()
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
@@ -59,14 +62,14 @@ class ResNet(nn.Module):
         else:
             self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(w0)
+        self.bn1 = nn.BatchNorm2d(w0, affine=bn_affine)
         self.relu = nn.ReLU(inplace=True)
         layers, in_planes = [], w0
         for i, (n, w) in enumerate(zip(blocks, widths)):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(n):
-                stage.append(BasicBlock(in_planes, w, stride if j == 0 else 1, shortcut))
+                stage.append(BasicBlock(in_planes, w, stride if j == 0 else 1, shortcut, bn_affine))
                 in_planes = w
             layers.append(nn.Sequential(*stage))
         for i, layer in enumerate(layers):
@@ -77,7 +80,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.BatchNorm2d) and m.affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -99,21 +102,25 @@ class ResNet18Options:
     name: str = "resnet18"
     stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + max-pool
     width: int = 64
+    bn_affine: bool = True  # false: BatchNorm without scale/shift (the RKR papers' ResNets)
+    pretrained: str | None = None  # a local torchvision/timm state dict (see models/pretrained.py)
 
 
 @dataclass
 class ResNet32Options:
     name: str = "resnet32"
     width: int = 16
+    bn_affine: bool = True
+    pretrained: str | None = None
 
 
 @register_model("resnet18", ResNet18Options)
 def build_resnet18(opts: ResNet18Options, img_size: int, in_chans: int) -> ResNet:
     w = opts.width
-    return ResNet([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem)
+    return ResNet([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, opts.bn_affine)
 
 
 @register_model("resnet32", ResNet32Options)
 def build_resnet32(opts: ResNet32Options, img_size: int, in_chans: int) -> ResNet:
     w = opts.width
-    return ResNet([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad")
+    return ResNet([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad", bn_affine=opts.bn_affine)

@@ -23,6 +23,7 @@ class ViTOptions:
     attn_drop: float = 0.0
     drop_path: float = 0.0
     pool: str = "token"  # token | mean
+    pretrained: str | None = None  # a local timm/torchvision state dict or the original release's .npz
 
 
 class VisionTransformer(nn.Module):
@@ -39,7 +40,7 @@ class VisionTransformer(nn.Module):
         n_tokens = self.patch_embed.num_patches + (1 if pool == "token" else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop)
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # no tensor: builds on the meta device
         self.blocks = nn.Sequential(*[
             Block(embed_dim, Attention(embed_dim, num_heads, qkv_bias, attn_drop, drop), mlp_ratio, drop, r)
             for r in rates
@@ -70,5 +71,5 @@ class VisionTransformer(nn.Module):
 
 @register_model("vit", ViTOptions)
 def build_vit(opts: ViTOptions, img_size: int, in_chans: int) -> VisionTransformer:
-    kwargs = {k: v for k, v in vars(opts).items() if k != "name"}
+    kwargs = {k: v for k, v in vars(opts).items() if k not in ("name", "pretrained")}
     return VisionTransformer(img_size=img_size, in_chans=in_chans, **kwargs)

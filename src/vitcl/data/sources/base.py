@@ -13,6 +13,7 @@ recompressed) are fine as long as their content parses; each reader validates wh
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -121,22 +122,26 @@ class Source:
 
         A failed or mismatching download leaves nothing behind: the partial file is removed, and so is dest when
         this call created it and it is still empty."""
-        created = not dest.exists()
         try:
-            dest.mkdir(parents=True, exist_ok=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DataError(f"{self.name}: cannot create {dest} for the download ({exc.strerror})") from None
-        try:
-            for remote in self.remotes:
-                target = dest / remote.filename
-                if target.is_file() and md5sum(target) == remote.md5:
-                    continue
-                self._fetch(remote, target)
-                self.unpack(target, dest)
-        except BaseException:
-            if created and dest.is_dir() and not any(dest.iterdir()):
-                dest.rmdir()
-            raise
+            raise DataError(f"{self.name}: cannot create {dest.parent} for the download ({exc.strerror})") from None
+        with _exclusive(dest.parent / f".{dest.name}.download-lock"):  # one process downloads; the others wait
+            if dest.is_dir() and self.files and self.complete(dest):
+                return dest  # another process finished it meanwhile
+            created = not dest.exists()
+            try:
+                dest.mkdir(exist_ok=True)
+                for remote in self.remotes:
+                    target = dest / remote.filename
+                    if target.is_file() and md5sum(target) == remote.md5:
+                        continue
+                    self._fetch(remote, target)
+                    self.unpack(target, dest)
+            except BaseException:
+                if created and dest.is_dir() and not any(dest.iterdir()):
+                    dest.rmdir()
+                raise
         return dest
 
     def _fetch(self, remote: Remote, target: Path) -> None:
@@ -169,6 +174,24 @@ class Source:
 
     def load(self, root: str | None, train: bool, download: bool = False) -> ImageSet:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive file lock (POSIX flock) held for the block, so that several ranks or runs starting together
+    do not download and unpack into the same folder at once. The lock file is removed afterwards."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:
