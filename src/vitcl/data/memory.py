@@ -46,7 +46,8 @@ class Selector:
     """Orders candidates of each class: `select(features, classes, k)` -> list of index tensors (best first).
 
     features: (n, d) float on any device, or None when the rule needs none; classes: (n,) labels of the rows.
-    needs: what the memory must extract for it: 'embedding', 'scores' (per-sample confidence), or None.
+    needs: what the memory must extract for it: 'embedding', 'scores' (per-sample confidence: one float per row,
+    higher is better), or None.
     """
 
     needs: str | None = "embedding"
@@ -91,6 +92,30 @@ class HerdingSelector(Selector):
             padded[i, : len(r)] = feats[r.to(feats.device)]
             valid[i, : len(r)] = True
         return [rows[i].cpu()[sel] for i, sel in enumerate(herding(padded, valid, k))]
+
+
+@SELECTORS.register("confidence")
+class ConfidenceSelector(Selector):
+    """Most confident first (LVT's confidence-aware memory): per class, the candidates in descending order of a
+    per-sample score, here the model's softmax probability of the true class. Ties keep candidate order, so the
+    choice is deterministic. Old classes shrink to their first m, i.e. their m most confident exemplars."""
+
+    needs = "scores"
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def select(self, features, classes, k):
+        if features is None:
+            raise ValueError("confidence selection needs per-sample scores")
+        scores = features.reshape(len(classes)).float().cpu()
+        classes = classes.cpu()
+        out = []
+        for c in classes.unique(sorted=True).tolist():
+            rows = (classes == c).nonzero().flatten()
+            order = torch.sort(scores[rows], descending=True, stable=True).indices
+            out.append(rows[order[:k]])
+        return out
 
 
 def herding(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[torch.Tensor]:

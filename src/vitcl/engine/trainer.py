@@ -129,6 +129,18 @@ class Trainer:
             local = dist.all_gather_rows(local, counts)
         return local
 
+    def batches(self, indices: torch.Tensor, augment: bool = False, batch_size: int | None = None):
+        """(normalised images, train-set rows) for this rank's share of `indices`, in order; gradients are the
+        caller's business (combine per-rank sums with reduce_sum)."""
+        bs = batch_size or self.cfg.eval.batch_size
+        mine = rank_share(indices, self.rank, self.world)
+        for x_u8, idx in self.train_stream(list(mine.split(bs))):
+            yield (self.augment.train(x_u8) if augment else self.augment.test(x_u8)), idx
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (a no-op on one process)."""
+        return dist.all_reduce_sum(t)
+
     def save_checkpoint(self, name: str = "last.pt", optimizer=None) -> None:
         if not dist.is_main():
             return
@@ -174,6 +186,8 @@ class Trainer:
                 s.phase, s.epoch = p + 1, 0
             if not s.memory_updated:
                 self.update_memory(task)
+            torch.manual_seed(stable_seed(cfg.run.seed, t, "consolidate"))
+            self.method.consolidate(task, self)
             self.method.end_task(task)
             self.finish_task(task, time.perf_counter() - task_t0)
         return self.results()
@@ -234,15 +248,23 @@ class Trainer:
             batches = batches[: cfg.train.max_batches]
         accum = cfg.train.grad_accum
         memory_rows = self.method.memory.indices() if phase.data == "task+memory" else None
+        side = self.method.memory.indices() if phase.memory_batch > 0 else None
+        side = side if side is not None and len(side) else None
         loss_sum, n_steps = 0.0, 0
-        for gb in batches:
+        for step, gb in enumerate(batches):
             share = rank_share(gb, self.rank, self.world)
             micro = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
             rows = [indices[m] for m in micro]
+            side_rows = self.memory_batch_rows(side, phase.memory_batch, len(micro),
+                                               (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), dtype=torch.float64)
-            for (x_u8, idx), m in zip(self.train_stream(rows), micro):
+            for (x_u8, idx), m, mrows in zip(self.train_stream(rows), micro, side_rows):
                 batch = self.make_batch(x_u8, idx, memory_rows)
+                if mrows is not None and len(mrows):
+                    mx_u8, midx = next(iter(self.train_stream([mrows])))
+                    batch.memory = self.make_batch(mx_u8, midx, None)
+                    batch.memory.from_memory = torch.ones(len(midx), dtype=torch.bool, device=mx_u8.device)
                 with self.autocast():
                     loss, logs = self.method.loss(batch, phase, task)
                 (loss * (len(m) * self.world / len(gb))).backward()
@@ -258,6 +280,15 @@ class Trainer:
             self.progress.step(len(gb), step_loss, f"epoch {epoch + 1}/{phase.epochs}")
             self.state.task_images += len(gb)
         return loss_sum / max(n_steps, 1)
+
+    def memory_batch_rows(self, memory: torch.Tensor | None, size: int, n_micro: int, seed_parts) -> list:
+        """This rank's memory rows for each micro-batch of one step: a seeded draw without replacement of `size`
+        rows of the memory (all of it when smaller), the same global draw on every rank."""
+        if memory is None or size <= 0:
+            return [None] * n_micro
+        g = torch.Generator().manual_seed(stable_seed(*seed_parts))
+        pick = memory[torch.randperm(len(memory), generator=g)[:size]]
+        return list(rank_share(pick, self.rank, self.world).tensor_split(max(n_micro, 1)))[:n_micro]
 
     def make_batch(self, x_u8, idx, memory_rows) -> Batch:
         y = self.scenario.train_labels[idx]

@@ -7,8 +7,16 @@ Lifecycle per task t (the engine calls, in order):
         [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
         setup_phase(phase, task)    freeze / unfreeze, train / eval modes
         loss(batch, phase, task)    per batch -> (scalar loss, {name: float} to log)
+    consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
     end_task(task)
 Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for task-conditioned methods.
+
+`ctx` (the engine) offers, all without gradients unless the caller enables them:
+    ctx.extract(indices, fn, augment=False)   fn(images) for train-set rows, in order, gathered over ranks
+    ctx.batches(indices, augment=False)       (images, rows) batches of this rank's share of the rows
+    ctx.reduce_sum(tensor)                    sum over ranks, in place (a no-op on one process)
+A phase with `memory_batch > 0` gets, with every batch of its data, an independent batch of that many rows drawn
+from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once the memory holds anything.
 """
 from __future__ import annotations
 
@@ -61,6 +69,7 @@ class Phase:
     repeats: int = 1  # repeated augmentation: each index appears this many times per epoch
     repeat_mode: str = "extend"  # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
     grad_clip: float | None = None
+    memory_batch: int = 0  # >0: draw this many memory rows alongside every batch, into batch.memory
 
     @classmethod
     def from_train(cls, name: str, data: str, train: "TrainConfig", task_index: int, **changes: Any) -> "Phase":
@@ -85,6 +94,7 @@ class Batch:
     index: torch.Tensor  # row in the scenario's train set (to look up memory extras)
     soft: torch.Tensor | None = None  # MixUp/CutMix soft targets over the seen classes, when mixing is on
     from_memory: torch.Tensor | None = None  # bool mask: sample comes from the rehearsal memory
+    memory: "Batch | None" = None  # a separate rehearsal batch, for phases with memory_batch > 0
 
 
 @dataclass
@@ -149,7 +159,12 @@ class Method:
         feats = None
         if self.memory.selector.needs == "embedding":
             feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
+        elif self.memory.selector.needs == "scores":
+            feats = true_class_confidence(ctx.extract(task.train_idx, self.logits), labels)
         self.memory.add(task.train_idx, labels, feats, self.seen)
+
+    def consolidate(self, task: "Task", ctx) -> None:
+        """After the task's phases and memory update: estimate what to protect for later tasks."""
 
     def end_task(self, task: "Task") -> None:
         pass
@@ -185,6 +200,11 @@ class Method:
         params = list(self.inference_modules().parameters())
         return ParamCount(float(sum(p.numel() for p in params)),
                           float(sum(p.numel() for p in params if p.requires_grad)))
+
+
+def true_class_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each row's own label (labels index the logits' columns)."""
+    return logits.float().softmax(dim=1).gather(1, labels.to(logits.device)[:, None]).squeeze(1)
 
 
 def classification_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
