@@ -110,7 +110,7 @@ def test_resume_mid_phase_in_process_is_exact(tmp_path):
 
 
 def test_cli_run_eval_report_params(tmp_path):
-    out = run_cli("run", *TINY, "data.increment=5", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
+    out = run_cli("run", "replay/digits-b0inc2", *TINY, "data.increment=5", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
     assert "avg incremental acc" in out.stdout
     run_dir = tmp_path / "x"
     for f in ("config.yaml", "metrics.jsonl", "results.json", "plots/accuracy.png", "plots/acc_matrix_class_il.png"):
@@ -126,8 +126,8 @@ def test_cli_run_eval_report_params(tmp_path):
 
 
 def test_cli_refuses_to_overwrite_a_run(tmp_path):
-    run_cli("run", *TINY, "data.increment=10", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
-    again = run_cli("run", *TINY, "data.increment=10", f"run.out_dir={tmp_path}", "run.name=x", "-q")
+    run_cli("run", "replay/digits-b0inc2", *TINY, "data.increment=10", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
+    again = run_cli("run", "replay/digits-b0inc2", *TINY, "data.increment=10", f"run.out_dir={tmp_path}", "run.name=x", "-q")
     assert again.returncode == 2 and "vitcl resume" in again.stderr
 
 
@@ -148,7 +148,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, needle):
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
-    run_cli("run", *TINY, "data.increment=10", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
+    run_cli("run", "replay/digits-b0inc2", *TINY, "data.increment=10", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
     (tmp_path / "x" / "checkpoints" / "last.pt").write_bytes(b"garbage")
     proc = run_cli("resume", str(tmp_path / "x"))
     assert proc.returncode == 2 and "last.pt: not a readable vitcl checkpoint" in proc.stderr
