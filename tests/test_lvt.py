@@ -93,11 +93,11 @@ def test_importance_hand_computed():
         attn.attn_bias.zero_()
     params = {"K": attn.external_key, "B": attn.attn_bias}
     batches = [torch.tensor([[[1.0], [3.0]]]), torch.tensor([[[2.0], [2.0]]])]
-    mean_g, mean_g2 = estimate_importance(params, batches, lambda x: attn(x).sum())
+    stats = estimate_importance(params, batches, lambda x: attn(x).sum())
     gK = torch.tensor([-2.0, 2.0]).view(1, 2, 1)
     gB = torch.tensor([[-0.5, 0.5], [-0.5, 0.5]]).view(1, 2, 2)
-    assert torch.allclose(mean_g["K"], gK / 2) and torch.allclose(mean_g["B"], gB / 2)
-    assert torch.allclose(mean_g2["K"], gK ** 2 / 2) and torch.allclose(mean_g2["B"], gB ** 2 / 2)
+    for kind, f in (("mean", lambda g: g / 2), ("magnitude", lambda g: g.abs() / 2), ("squared", lambda g: g ** 2 / 2)):
+        assert torch.allclose(stats[kind]["K"], f(gK)) and torch.allclose(stats[kind]["B"], f(gB)), kind
 
 
 def test_consolidation_loss_zero_at_anchor_and_grows_with_weighted_distance():
@@ -213,7 +213,23 @@ def test_lvt_presets_load():
             assert cfg.method.name == "lvt" and cfg.memory.size == m and cfg.memory.selection == "confidence"
             assert cfg.data.increment == 100 // n and cfg.data.dataset == "cifar100"
             t = cfg.train
-            assert (t.optimizer, t.lr, t.batch_size, t.epochs) == ("sgd", 0.1, 32, 50)
+            assert (t.optimizer, t.lr, t.batch_size, t.epochs, t.momentum) == ("sgd", 0.1, 32, 50, 0.0)
+            assert cfg.data.augment.randaugment_n == 0 and cfg.data.augment.crop_padding == 4
+            o = cfg.method
+            assert (o.alpha, o.beta, o.gamma, o.r0, o.r_decay, o.temperature) == (2.0, 2.0, 2.0, 1.0, 0.9, 2.0)
+
+
+def test_lvt_options_are_validated():
+    from vitcl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.heads"):
+        load_config(["lvt/digits-b0inc2"], ["model.heads=[3,2]"])
+    with pytest.raises(ConfigError, match="model.depths"):
+        load_config(["lvt/digits-b0inc2"], ["model.depths=[1]"])
+    with pytest.raises(ConfigError, match="method.importance_decay"):
+        load_config(["lvt/digits-b0inc2"], ["method.importance_decay=2"])
+    with pytest.raises(ConfigError, match="method.consolidation"):
+        load_config(["lvt/digits-b0inc2"], ["method.consolidation=l2"])
 
 
 def test_lvt_rejects_a_backbone_without_inter_task_attention(tmp_path):
@@ -223,3 +239,43 @@ def test_lvt_rejects_a_backbone_without_inter_task_attention(tmp_path):
     cfg, _ = load_config(["lvt/digits-b0inc2", "base/small-vit"], ["run.progress=false"])
     with pytest.raises(ConfigError, match="inter-task attention"):
         Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def _lvt_trainer(run_dir, *overrides):
+    from vitcl.engine.trainer import Trainer
+
+    tiny = ["data.train_per_class=24", "data.test_per_class=10", "train.batch_size=16", "eval.batch_size=64",
+            "run.progress=false"]
+    cfg, _ = load_config(["lvt/digits-b0inc2"], [*tiny, "data.increment=5", "memory.size=20", *overrides])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, run_dir, progress=False)
+
+
+def test_lvt_resume_mid_task_is_exact(tmp_path):
+    """Importance, anchor, memory and stored logits survive a checkpoint: a run stopped inside task 1 and resumed
+    gives the uninterrupted run's accuracies."""
+    opts = ("train.epochs=2", "train.max_batches=2")
+    full = _lvt_trainer(tmp_path / "a", *opts).fit()
+    t = _lvt_trainer(tmp_path / "b", *opts)
+    calls = {"n": 0}
+    original = t.train_epoch
+
+    def stop_after(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # task 1, after its first epoch was checkpointed
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    t.train_epoch = stop_after
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    resumed = _lvt_trainer(tmp_path / "b", *opts)
+    opt_state = resumed.restore(torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False))
+    assert (resumed.state.task, resumed.state.epoch) == (1, 1) and resumed.method.anchor is not None
+    res = resumed.fit(opt_state)
+    assert res["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]
+
+
+def test_lvt_bf16_run(tmp_path):
+    res = _lvt_trainer(tmp_path / "r", "run.precision=bf16", "train.epochs=1", "train.max_batches=2").fit()
+    assert res["tasks_done"] == 2 and all(math.isfinite(a) for a in res["class_il"]["seen_acc"])
