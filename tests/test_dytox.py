@@ -255,3 +255,14 @@ def test_run_and_exact_resume(tmp_path, monkeypatch):
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert resumed["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]
     assert resumed["task_il"]["acc_matrix"] == full["task_il"]["acc_matrix"]
+
+
+def test_repeated_augmentation_orders():
+    from vitcl.engine.loader import epoch_order
+
+    deit = epoch_order(100, 7, True, 3, "deit")
+    assert len(deit) == 100  # the epoch keeps its length: ~n/3 images, each 3 times in a row
+    assert len(deit.unique()) == 34 and torch.equal(deit[:99].view(33, 3), deit[:99].view(33, 3)[:, :1].expand(33, 3))
+    assert not torch.equal(deit, epoch_order(100, 8, True, 3, "deit"))  # a fresh permutation every epoch
+    extend = epoch_order(100, 7, True, 3, "extend")
+    assert len(extend) == 300 and torch.equal(torch.bincount(extend), torch.full((100,), 3))
