@@ -15,48 +15,16 @@ fashion-mnist reader is registered, a minimal one is defined here.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
-import struct
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vitcl import cli
-from vitcl.data.dataset import ImageSet
-from vitcl.data.sources import SOURCES, Source
 
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        data = f.read()
-    _, dtype, ndim = struct.unpack(">HBB", data[:4])
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-if "fashion-mnist" not in SOURCES:
-    @SOURCES.register("fashion-mnist")
-    class FashionMNIST(Source):
-        name = "fashion-mnist"
-        num_classes = 10
-        channels = 1
-        image_size = 28
-        mean = (0.2860,)
-        std = (0.3530,)
-        files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz")
-
-        def load(self, root, train, download=False):
-            path = self.require(root)
-            stem = "train" if train else "t10k"
-            images = read_idx(path / f"{stem}-images-idx3-ubyte.gz")
-            labels = read_idx(path / f"{stem}-labels-idx1-ubyte.gz")
-            return ImageSet(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(images.copy())[:, None])
 
 METHODS = {
     "finetune": ["method.name=finetune", "memory.size=0"],
