@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
 
     sources, overrides = _split_args(args.items)
     sources = sources or [DEFAULT_PRESET]
-    cfg, raw = load_config(sources, overrides)
+    cfg, _ = load_config(sources, overrides)
     run_dir = _run_dir(cfg, sources)
     run_dir = Path(dist.broadcast_object(str(run_dir))) if dist.world_size() > 1 else run_dir
     if (run_dir / "checkpoints" / "last.pt").exists():
@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
     run_dir = trainer.run_dir
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_dir, raw, cfg, sources, overrides)
+        save_config(run_dir, cfg, sources, overrides)
         print(f"run folder: {run_dir}", file=sys.stderr)
         print(f"{cfg.method.name} · {cfg.model.name} · {cfg.data.dataset if not cfg.data.datasets else cfg.data.datasets}"
               f" · {trainer.scenario.describe()} · device {trainer.device}"

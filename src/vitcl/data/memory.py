@@ -79,7 +79,7 @@ class HerdingSelector(Selector):
     """iCaRL herding on L2-normalised features, all classes at once: (C, n_max, d) padded on the device."""
 
     def __init__(self, seed: int = 0):
-        pass
+        del seed  # herding is deterministic; selectors share one constructor
 
     def select(self, features, classes, k):
         labels = classes.unique(sorted=True)
@@ -103,7 +103,7 @@ class ConfidenceSelector(Selector):
     needs = "scores"
 
     def __init__(self, seed: int = 0):
-        pass
+        del seed  # herding is deterministic; selectors share one constructor
 
     def select(self, features, classes, k):
         if features is None:

@@ -11,8 +11,8 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +61,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, progress: bool = True):
         self.cfg, self.run_dir = cfg, run_dir
         self.device = pick_device(cfg.run.device)
-        if self.device.type == "cuda" and self.device.index is None and "LOCAL_RANK" in __import__("os").environ:
-            self.device = torch.device("cuda", int(__import__("os").environ["LOCAL_RANK"]))
+        if self.device.type == "cuda" and self.device.index is None and "LOCAL_RANK" in os.environ:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.rank, self.world = dist.init_from_env(self.device)
@@ -350,10 +350,7 @@ def write_results(run_dir: Path, results: dict) -> None:
     tmp.replace(run_dir / "results.json")
 
 
-def save_config(run_dir: Path, raw: dict, cfg: Config, sources: list[str], overrides: list[str]) -> None:
+def save_config(run_dir: Path, cfg: Config, sources: list[str], overrides: list[str]) -> None:
     doc = {"sources": sources, "overrides": list(overrides), **cfg.to_dict()}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
-
-def print_stderr(msg: str) -> None:
-    sys.stderr.write(msg + "\n")

@@ -72,6 +72,14 @@ def _grid_of(n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- GPSA
+
+def split_qk_v(attn: nn.Module, x: torch.Tensor):
+    """Per-head q, k, v (B, H, N, d) from ConViT's fused `qk` and separate `v` projections (GPSA, LPSA)."""
+    B, N, _ = x.shape
+    q, k = attn.qk(x).reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    v = attn.v(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return q, k, v
+
 class GPSA(nn.Module):
     """Gated positional self-attention (ConViT). Parameters as in the public code: qk (no bias), v (no bias),
     proj, pos_proj Linear(3, H), gating_param ones(H). Initialises itself (trunc-normal 0.02, then the local init),
@@ -129,10 +137,7 @@ class GPSA(nn.Module):
         return self.pos_proj(r).permute(2, 0, 1).softmax(dim=-1)
 
     def _qkv(self, x: torch.Tensor):
-        B, N, C = x.shape
-        q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return split_qk_v(self, x)
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, N) mixed attention probabilities, for analyses (non-locality)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convit import register_sab_attention, relative_positions
+from .convit import register_sab_attention, relative_positions, split_qk_v
 from .layers import trunc_normal_
 
 
@@ -110,10 +110,7 @@ class LPSA(nn.Module):
         return torch.einsum("ijc,hc->hij", r, self.pos_proj.weight[:, :3])
 
     def _qkv(self, x: torch.Tensor):
-        B, N, C = x.shape
-        q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return split_qk_v(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
