@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.data.build import build_scenario
 from vitcl.engine.optim import build_optimizer
 from vitcl.methods import METHODS, Batch

@@ -83,7 +83,7 @@ def pretrain(backbone: str, out: Path, epochs: int) -> Path:
     path = out / f"pretrained-{backbone}.pth"
     if path.exists():
         return path
-    from vitcl.config import load_config
+    from vitcl.runconfig import load_config
     from vitcl.engine.trainer import Trainer
 
     cfg, _ = load_config(["finetune/digits-b0inc2"], [
@@ -147,7 +147,7 @@ def main_bench() -> None:
     weights = pretrain(args.backbone, out, args.pretrain_epochs)
     chosen = [row for row in METHODS if not args.methods or row[0] in args.methods]
     results = [run(label, m, extra, args.backbone, weights, out, args) for label, m, extra in chosen]
-    from vitcl.config import load_config
+    from vitcl.runconfig import load_config
     from vitcl.methods import METHODS as REG
     from vitcl.data.build import build_scenario
 

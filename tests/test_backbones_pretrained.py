@@ -192,7 +192,7 @@ def test_missing_or_foreign_file_is_a_one_line_config_error(tmp_path):
 def test_timm_backbones_are_an_optional_extra():
     import importlib.util
 
-    from vitcl.config import load_config
+    from vitcl.runconfig import load_config
     from vitcl.data.build import build_scenario
     from vitcl.methods import METHODS
 

@@ -1,6 +1,6 @@
 import pytest
 
-from vitcl.config import from_dict, load_config, parse_override, preset_names
+from vitcl.runconfig import from_dict, load_config, parse_override, preset_names
 from vitcl.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.errors import ConfigError
 from vitcl.models import create_backbone
 from vitcl.models.convit import (GPSA, ClassAttention, ConViT, TaskAttentionBlock, TaskDecoder, TokenDropPath,

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from helpers import SRC, TINY
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.engine.trainer import Trainer
 
 OVERRIDES = [*TINY, "data.increment=5", "memory.size=40", "train.batch_size=16"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vitcl import cli
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.data.build import build_scenario
 from vitcl.errors import ConfigError
 from vitcl.methods import METHODS, Batch
@@ -258,7 +258,7 @@ def test_run_and_exact_resume(tmp_path, monkeypatch):
 
 
 def test_repeated_augmentation_orders():
-    from vitcl.engine.loader import epoch_order
+    from vitcl.data.stream import epoch_order
 
     deit = epoch_order(100, 7, True, 3, "deit")
     assert len(deit) == 100  # the epoch keeps its length: ~n/3 images, each 3 times in a row

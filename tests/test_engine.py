@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import SRC, TINY, run_cli
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import TrainingError
 

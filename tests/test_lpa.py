@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vitcl import cli
-from vitcl.config import load_config, preset_names
+from vitcl.runconfig import load_config, preset_names
 from vitcl.data.build import build_scenario
 from vitcl.errors import ConfigError
 from vitcl.methods import METHODS, Batch

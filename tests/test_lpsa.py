@@ -136,7 +136,7 @@ def test_convit_per_layer_attention_keeps_lpsa_init():
 
 
 def test_convit_sab_layers_config_errors():
-    from vitcl.config import load_config
+    from vitcl.runconfig import load_config
     from vitcl.errors import ConfigError
 
     base = ["model.name=convit", "model.local_up_to_layer=2", "model.depth=3"]

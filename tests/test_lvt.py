@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.data.memory import FixedTotal, Memory, make_selector
 from vitcl.methods.lvt import consolidation_loss, distillation_loss, estimate_importance
 from vitcl.models.lvt import InterTaskAttention, LVTNet

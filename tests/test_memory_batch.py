@@ -1,7 +1,7 @@
 """The engine's side memory batch (Phase.memory_batch) and the confidence selector through the base Method."""
 import torch
 
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.engine.trainer import Trainer
 
 

@@ -5,7 +5,7 @@ and the percentages are over one backbone with one head."""
 import pytest
 
 from vitcl.cli import main, param_rows
-from vitcl.config import load_config, preset_names
+from vitcl.runconfig import load_config, preset_names
 
 # preset -> (#P in millions, % over one backbone + one head) after 10 tasks, as printed in the seed
 TABLE = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitcl.cli import main
-from vitcl.config import load_config
+from vitcl.runconfig import load_config
 from vitcl.data.build import build_scenario
 from vitcl.methods import METHODS, Batch
 

@@ -30,9 +30,9 @@ def _run_dir(cfg, sources: list[str]) -> Path:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
-    from .engine import distributed as dist
-    from .engine.trainer import Trainer, save_config
+    from .data import distributed as dist
+    from .engine.trainer import Trainer
+    from .runconfig import load_config, save_run_config
 
     sources, overrides = _split_args(args.items)
     sources = sources or [DEFAULT_PRESET]
@@ -46,7 +46,7 @@ def cmd_run(args) -> int:
     run_dir = trainer.run_dir
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_dir, cfg, sources, overrides)
+        save_run_config(run_dir, cfg, sources, overrides)
         print(f"run folder: {run_dir}", file=sys.stderr)
         print(f"{cfg.method.name} · {cfg.model.name} · {cfg.data.dataset if not cfg.data.datasets else cfg.data.datasets}"
               f" · {trainer.scenario.describe()} · device {trainer.device}"
@@ -55,7 +55,7 @@ def cmd_run(args) -> int:
 
 
 def _fit_and_report(trainer, optimizer_state) -> int:
-    from .engine import distributed as dist
+    from .data import distributed as dist
     from .engine.trainer import write_results
     from .eval.plots import write_plots
     from .eval.report import summary_table
@@ -74,31 +74,13 @@ def _fit_and_report(trainer, optimizer_state) -> int:
     return 0
 
 
-def _load_run(run_dir: Path):
-    import yaml
-
-    from .config import from_dict
-
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise VitclError(f"{path}: not found; expected a run folder made by `vitcl run`")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise VitclError(f"{path}: corrupt YAML") from None
-    if not isinstance(raw, dict):
-        raise VitclError(f"{path}: expected a mapping")
-    raw.pop("sources", None)
-    raw.pop("overrides", None)
-    return from_dict(raw)
-
-
 def cmd_resume(args) -> int:
     from .engine import checkpoint
     from .engine.trainer import Trainer
+    from .runconfig import load_run_config
 
     run_dir = Path(args.run_dir)
-    cfg = _load_run(run_dir)
+    cfg = load_run_config(run_dir).config
     ckpt = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     trainer = Trainer(cfg, run_dir, progress=not args.quiet)
     optimizer_state = trainer.restore(ckpt)
@@ -108,30 +90,31 @@ def cmd_resume(args) -> int:
     return _fit_and_report(trainer, optimizer_state)
 
 
+def _finished_run(run_dir: Path, purpose: str):
+    """A trainer over a finished run's config, after checking that the run has task checkpoints."""
+    from .engine.trainer import Trainer, task_checkpoints
+    from .runconfig import load_run_config
+
+    cfg = load_run_config(run_dir).config
+    if not task_checkpoints(run_dir):
+        raise VitclError(f"{run_dir / 'checkpoints'}: no task checkpoints (task_N.pt) to {purpose}")
+    return Trainer(cfg, run_dir, progress=False)
+
+
 def cmd_eval(args) -> int:
     import torch
 
-    from .engine import checkpoint
-    from .engine.trainer import Trainer
     from .eval.report import build_results, summary_table
 
     run_dir = Path(args.run_dir)
-    cfg = _load_run(run_dir)
-    stored = sorted((run_dir / "checkpoints").glob("task_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if not stored:
-        raise VitclError(f"{run_dir / 'checkpoints'}: no task checkpoints (task_N.pt) to evaluate")
-    trainer = Trainer(cfg, run_dir, progress=False)
+    trainer = _finished_run(run_dir, "evaluate")
     evals, tasks = [], []
-    for path in stored:
-        ckpt = checkpoint.load(path)
-        trainer.method = type(trainer.method)(cfg, trainer.scenario, trainer.device)
-        trainer.restore(ckpt)
-        t = int(path.stem.split("_")[1])
+    for t, ckpt in trainer.restore_task_checkpoints():
         with torch.no_grad():
             evals.append(trainer.evaluate(t))
         tasks.append(ckpt["progress"]["tasks"][t])
-        print(f"evaluated {path.name}", file=sys.stderr)
-    results = build_results(cfg, trainer.scenario, evals, tasks, trainer.method)
+        print(f"evaluated task_{t}.pt", file=sys.stderr)
+    results = build_results(trainer.cfg, trainer.scenario, evals, tasks, trainer.method)
     (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
     print(summary_table(results))
     print(f"\nre-evaluation: {run_dir / 'eval.json'}")
@@ -139,28 +122,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .engine import checkpoint
-    from .engine.trainer import Trainer
-    from .eval.locality import ANALYSES, analyse_task, summarise
+    from .eval.locality import ANALYSES, analyse_task, heldout_batch, summarise
 
     run_dir = Path(args.run_dir)
-    cfg = _load_run(run_dir)
-    stored = sorted((run_dir / "checkpoints").glob("task_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if not stored:
-        raise VitclError(f"{run_dir / 'checkpoints'}: no task checkpoints (task_N.pt) to analyse")
     analyses = args.analyses.split(",") if args.analyses else list(ANALYSES)
     bad = [a for a in analyses if a not in ANALYSES]
     if bad:
         raise VitclError(f"--analyses: unknown {bad}; expected a comma list of {', '.join(ANALYSES)}")
+    trainer = _finished_run(run_dir, "analyse")
+    cfg = trainer.cfg
     samples = args.samples or cfg.eval.analysis_samples
-    images = args.images if args.images is not None else cfg.eval.analysis_images
+    n_images = args.images if args.images is not None else cfg.eval.analysis_images
     out = run_dir / "analysis"
-    trainer = Trainer(cfg, run_dir, progress=False)
-    for path in stored:
-        trainer.method = type(trainer.method)(cfg, trainer.scenario, trainer.device)
-        trainer.restore(checkpoint.load(path))
-        t = int(path.stem.split("_")[1])
-        res = analyse_task(trainer, t, out, analyses, samples, images)
+    images = heldout_batch(trainer.scenario, trainer.test_stream, trainer.augment, samples, cfg.eval.batch_size)
+    for t, _ in trainer.restore_task_checkpoints():
+        res = analyse_task(trainer.method, images, t, out, analyses, n_images)
         layers = " ".join(f"{d:.2f}" for d in res.nonlocality)
         print(f"task {t + 1}: non-locality per layer {layers}" if layers else f"task {t + 1}: analysed",
               file=sys.stderr)
@@ -225,7 +201,7 @@ def millions(n: float, rounding: str = "truncate") -> str:
 
 
 def cmd_params(args) -> int:
-    from .config import load_config
+    from .runconfig import load_config
 
     sources, overrides = _split_args(args.items)
     cfg, _ = load_config(sources or [DEFAULT_PRESET], overrides)
@@ -282,7 +258,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .config import preset_names
+    from .runconfig import preset_names
 
     for name in preset_names():
         print(name)

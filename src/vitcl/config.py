@@ -1,7 +1,8 @@
-"""Typed run configuration: stacked YAML files plus dotted overrides, validated before any work.
+"""The typed sections of a run's config, and the coercion that checks plain values against their type hints.
 
-A config is a tree of dataclasses. The `model` and `method` sections are polymorphic: their `name` picks a
-registered options dataclass, which then validates the rest of the section. Every error names the dotted key.
+A config is a tree of dataclasses. This module knows no model or method: the `model` and `method` sections hold
+the options dataclass that the registered model or method names, and `vitcl.runconfig` (above methods and models)
+picks it, stacks presets and overrides, and runs the checks across sections. Every error names the dotted key.
 """
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
 from .errors import ConfigError
-
-PRESET_DIR = Path(__file__).parent / "configs"
-
 
 # --------------------------------------------------------------------------------------------- sections
 @dataclass
@@ -229,152 +224,3 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
-
-
-# --------------------------------------------------------------------------------------------- loading
-def preset_names() -> list[str]:
-    """Runnable presets: every YAML under configs/ except the fragments in data/ and base/."""
-    names = []
-    for path in sorted(PRESET_DIR.rglob("*.yaml")):
-        rel = path.relative_to(PRESET_DIR).with_suffix("").as_posix()
-        if rel.split("/")[0] not in ("data", "base"):
-            names.append(rel)
-    return names
-
-
-def resolve_source(source: str) -> Path:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    preset = PRESET_DIR / f"{source}.yaml"
-    if preset.exists():
-        return preset
-    if path.suffix in (".yaml", ".yml"):
-        raise ConfigError(f"{source}: config file not found")
-    raise ConfigError(f"{source}: no such preset or YAML file (see `vitcl presets`)")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def merge(base: dict, update: dict) -> dict:
-    """Deep merge; a model or method section naming another model or method replaces the old one whole."""
-    out = dict(base)
-    for k, v in update.items():
-        old = out.get(k)
-        if isinstance(v, dict) and isinstance(old, dict):
-            renamed = k in ("model", "method") and "name" in v and v["name"] != old.get("name")
-            out[k] = dict(v) if renamed else merge(old, v)
-        else:
-            out[k] = v
-    return out
-
-
-def load_source(source: str, _seen: tuple = ()) -> dict:
-    """A YAML file with its `defaults:` list (other presets or files) merged in first."""
-    path = resolve_source(source)
-    if path in _seen:
-        raise ConfigError(f"{path}: `defaults` include themselves")
-    data = _read_yaml(path)
-    defaults = data.pop("defaults", [])
-    if isinstance(defaults, str):
-        defaults = [defaults]
-    if not isinstance(defaults, list):
-        raise ConfigError(f"{path}: defaults: expected a list of presets or files")
-    merged: dict = {}
-    for d in defaults:
-        merged = merge(merged, load_source(str(d), _seen + (path,)))
-    return merge(merged, data)
-
-
-def parse_override(text: str) -> dict:
-    if "=" not in text:
-        raise ConfigError(f"{text}: an override must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
-    out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"{text}: empty key")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
-def load_config(sources: list[str], overrides: list[str] = ()) -> tuple[Config, dict]:
-    """Merge sources (presets or YAML files) and overrides; return the validated config and the raw tree."""
-    raw: dict = {}
-    for s in sources:
-        raw = merge(raw, load_source(s))
-    for o in overrides:
-        raw = merge(raw, parse_override(o))
-    return from_dict(raw), raw
-
-
-def from_dict(raw: dict) -> Config:
-    from .methods import METHODS  # registries fill on import
-    from .models import MODELS
-
-    raw = dict(raw)
-    model_raw = {"name": "vit", **(raw.pop("model", None) or {})}
-    method_raw = {"name": "finetune", **(raw.pop("method", None) or {})}
-    cfg = build(Config, raw)
-    cfg.model = _build_named(MODELS, model_raw, "model")
-    cfg.method = _build_named(METHODS, method_raw, "method")
-    validate(cfg)
-    return cfg
-
-
-def _build_named(registry, raw: dict, key: str):
-    name = raw.get("name")
-    if not isinstance(name, str):
-        raise ConfigError(f"{key}.name: expected one of: {', '.join(registry.names())}")
-    options_cls = registry.get(name, f"{key}.name").Options
-    return build(options_cls, raw, key)
-
-
-def validate(cfg: Config) -> None:
-    """Checks across sections; per-field checks live in the dataclasses' validate()."""
-    t, d, m = cfg.train, cfg.data, cfg.memory
-    positive = {
-        "train.epochs": t.epochs, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-        "eval.batch_size": cfg.eval.batch_size, "train.checkpoint_every": t.checkpoint_every,
-        "eval.analysis_samples": cfg.eval.analysis_samples,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: expected a positive integer, got {value}")
-    for key, value in {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "memory.size": m.size,
-                       "memory.per_class": m.per_class, "train.warmup_epochs": t.warmup_epochs}.items():
-        if value < 0:
-            raise ConfigError(f"{key}: expected a value >= 0, got {value}")
-    if m.size and m.per_class:
-        raise ConfigError("memory.per_class: give either memory.size (a fixed total) or memory.per_class, not both")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size {t.batch_size}")
-    if t.schedule == "multistep" and not t.milestones:
-        raise ConfigError("train.milestones: the multistep schedule needs a list of epochs")
-    if d.channels not in (None, 1, 3):
-        raise ConfigError(f"data.channels: expected 1 or 3, got {d.channels}")
-    inc = d.increment if isinstance(d.increment, list) else [d.increment]
-    if any(i < 1 for i in inc) or d.initial_increment < 0:
-        raise ConfigError(f"data.increment: expected positive class counts, got {d.increment}")
-    a = d.augment
-    if not 0 <= a.label_smoothing < 1:
-        raise ConfigError(f"data.augment.label_smoothing: expected a value in [0, 1), got {a.label_smoothing}")
-    if a.randaugment_n < 0 or not 0 <= a.randaugment_m <= 30:
-        raise ConfigError("data.augment.randaugment_m: expected n >= 0 and a magnitude in [0, 30]")

@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..config import Config
 from ..data.augment import BatchAugment, mix_batch
 from ..data.build import build_scenario
 from ..errors import ConfigError, TrainingError
+from ..eval.evaluator import evaluate
+from ..eval.locality import HeldoutBatch, analyse_task, heldout_batch, summarise
+from ..eval.report import build_results
 from ..methods import METHODS, Batch, Method, Phase
-from . import checkpoint, distributed as dist
-from .loader import BatchStream, epoch_order, global_batches, rank_share
+from ..data import distributed as dist
+from . import checkpoint
+from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress, fmt_time
 
@@ -86,6 +89,7 @@ class Trainer:
         self.progress = Progress(progress and cfg.run.progress and dist.is_main())
         self.state = RunState()
         self.ckpt_dir = run_dir / "checkpoints"
+        self._heldout: HeldoutBatch | None = None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -162,6 +166,15 @@ class Trainer:
             self.method.begin_task(self.scenario[t])
         self.method.load_state_dict(ckpt["method"])
         return ckpt.get("optimizer")
+
+    def restore_task_checkpoints(self):
+        """For each task checkpoint of the run folder, in task order: a fresh method restored from it becomes
+        `self.method`; yields (task index, checkpoint)."""
+        for t, path in task_checkpoints(self.run_dir):
+            ckpt = checkpoint.load(path)
+            self.method = type(self.method)(self.cfg, self.scenario, self.device)
+            self.restore(ckpt)
+            yield t, ckpt
 
     # ------------------------------------------------------------------ the loop
     def fit(self, optimizer_state: dict | None = None) -> dict:
@@ -303,8 +316,6 @@ class Trainer:
                      soft=soft, from_memory=from_memory)
 
     def evaluate(self, upto: int) -> dict:
-        from ..eval.evaluator import evaluate
-
         res = evaluate(self.method, self.scenario, upto, self.augment, self.test_stream, self.cfg.eval.batch_size,
                        self.cfg.eval.top_k, self.autocast)
         return res.to_dict()
@@ -320,9 +331,7 @@ class Trainer:
                 "images_per_s": s.task_images / max(seconds, 1e-9), "peak_memory_bytes": int(peak),
                 "peak_memory_kind": "cuda" if self.device.type == "cuda" else "cpu-rss"}
         if self.cfg.eval.analyses and dist.is_main():
-            from ..eval.locality import record_after_task
-
-            record_after_task(self, task)
+            self.record_analyses(task.index)
         s.evals.append(res)
         s.tasks.append(info)
         self.log_metrics({"kind": "task_end", **res, **{k: v for k, v in info.items() if k != "task"}})
@@ -337,20 +346,33 @@ class Trainer:
         if dist.is_main():
             write_results(self.run_dir, self.results())
 
-    def results(self) -> dict:
-        from ..eval.report import build_results
+    def heldout(self) -> HeldoutBatch:
+        """The fixed held-out test batch of the locality analyses (built once per process)."""
+        if self._heldout is None:
+            ev = self.cfg.eval
+            self._heldout = heldout_batch(self.scenario, self.test_stream, self.augment, ev.analysis_samples,
+                                          ev.batch_size)
+        return self._heldout
 
+    def record_analyses(self, task: int) -> None:
+        """The analyses of eval.analyses after a task, into RUN_DIR/analysis (plots in RUN_DIR/plots)."""
+        ev, out = self.cfg.eval, self.run_dir / "analysis"
+        analyse_task(self.method, self.heldout(), task, out, ev.analyses, ev.analysis_images)
+        summarise(out, self.cfg.method.name)
+
+    def results(self) -> dict:
         return build_results(self.cfg, self.scenario, self.state.evals, self.state.tasks, self.method,
                              self.state.periodic)
+
+
+def task_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(task index, path) of a run folder's checkpoints/task_N.pt, in task order."""
+    paths = [(int(p.stem.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("task_*.pt")]
+    return sorted(paths)
 
 
 def write_results(run_dir: Path, results: dict) -> None:
     tmp = run_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(run_dir / "results.json")
-
-
-def save_config(run_dir: Path, cfg: Config, sources: list[str], overrides: list[str]) -> None:
-    doc = {"sources": sources, "overrides": list(overrides), **cfg.to_dict()}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.augment import BatchAugment
-from ..engine.distributed import all_reduce_sum, rank, world_size
-from ..engine.loader import BatchStream, rank_share
+from ..data.distributed import all_reduce_sum, rank, world_size
+from ..data.stream import BatchStream, rank_share
 
 
 @dataclass

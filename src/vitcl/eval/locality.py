@@ -203,23 +203,35 @@ def heatmaps(maps: list[LayerAttention], grid: int, n_images: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- run folders
-def analyse_task(trainer, task: int, out_dir: Path, analyses, n_samples: int, n_images: int) -> TaskAnalysis:
-    """Analyses of the trainer's current method on the fixed held-out batch; writes out_dir/task_{t}.json and
-    the heat-map PNG; returns the result."""
-    scenario = trainer.scenario
+@dataclass
+class HeldoutBatch:
+    """The fixed held-out test batch the analyses run on."""
+
+    x: torch.Tensor  # normalised images, on the device
+    raw: torch.Tensor  # the same images as uint8, on the CPU (for the heat-map figure)
+    labels: torch.Tensor  # their labels (class-order positions)
+
+
+def heldout_batch(scenario, stream, augment, n_samples: int, batch_size: int) -> HeldoutBatch:
+    """`n_samples` test images balanced over every class (`heldout_indices`), test-transformed."""
     idx = heldout_indices(scenario.test_labels, n_samples)
     xs, raws = [], []
-    for x_u8, _ in trainer.test_stream(list(idx.split(trainer.cfg.eval.batch_size))):
-        xs.append(trainer.augment.test(x_u8))
+    for x_u8, _ in stream(list(idx.split(batch_size))):
+        xs.append(augment.test(x_u8))
         raws.append(x_u8.cpu())
-    x = torch.cat(xs)
-    res = analyse_method(trainer.method, x, task, analyses, n_images)
+    return HeldoutBatch(torch.cat(xs), torch.cat(raws), scenario.test_labels[idx])
+
+
+def analyse_task(method, images: HeldoutBatch, task: int, out_dir: Path, analyses, n_images: int) -> TaskAnalysis:
+    """Analyses of a trained method on the held-out batch; writes out_dir/task_{t}.json and the heat-map PNG
+    (in out_dir's sibling plots/); returns the result."""
+    res = analyse_method(method, images.x, task, analyses, n_images)
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {**res.to_dict(), "heldout": {"n": len(idx), "seed": HELDOUT_SEED}}
+    doc = {**res.to_dict(), "heldout": {"n": len(images.x), "seed": HELDOUT_SEED}}
     _write_json(out_dir / f"task_{task}.json", doc)
     if res.heatmaps is not None and len(res.heatmaps["layers"]):
-        labels = scenario.test_labels[idx[:n_images]].tolist()
-        plot_heatmaps(torch.cat(raws)[:n_images], res.heatmaps, labels,
+        labels = images.labels[:n_images].tolist()
+        plot_heatmaps(images.raw[:n_images], res.heatmaps, labels,
                       out_dir.parent / "plots" / f"attention_task_{task}.png", f"after task {task + 1}")
     return res
 
@@ -247,14 +259,6 @@ def _write_json(path: Path, doc: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(path)
-
-
-def record_after_task(trainer, task) -> None:
-    """The engine's hook: run the configured analyses (eval.analyses) after a task, into RUN_DIR/analysis."""
-    ev = trainer.cfg.eval
-    out = trainer.run_dir / "analysis"
-    analyse_task(trainer, task.index, out, ev.analyses, ev.analysis_samples, ev.analysis_images)
-    summarise(out, trainer.cfg.method.name)
 
 
 # --------------------------------------------------------------------------------------------- plots

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.dataset import ImageSet, fit_images
+from .dataset import ImageSet, fit_images
 
 
 def epoch_order(n: int, seed: int, shuffle: bool, repeats: int = 1, repeat_mode: str = "extend") -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""Building a run's config: presets, stacked YAML files and dotted overrides, the named `model` and `method`
+sections, the checks across sections, and the run folder's `config.yaml` (one writer, one reader).
+
+This module sits above models and methods (it looks their options up in the registries) and below the engine and
+the command line; `vitcl.config` below it holds only the typed sections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import Config, build
+from .errors import ConfigError, VitclError
+from .methods import METHODS
+from .models import MODELS
+from .registry import Registry
+
+PRESET_DIR = Path(__file__).parent / "configs"
+RUN_CONFIG = "config.yaml"  # in a run folder: the resolved config, with the sources and overrides it came from
+
+
+# --------------------------------------------------------------------------------------------- presets and files
+def preset_names() -> list[str]:
+    """Runnable presets: every YAML under configs/ except the fragments in data/ and base/."""
+    names = []
+    for path in sorted(PRESET_DIR.rglob("*.yaml")):
+        rel = path.relative_to(PRESET_DIR).with_suffix("").as_posix()
+        if rel.split("/")[0] not in ("data", "base"):
+            names.append(rel)
+    return names
+
+
+def resolve_source(source: str) -> Path:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    preset = PRESET_DIR / f"{source}.yaml"
+    if preset.exists():
+        return preset
+    if path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"{source}: config file not found")
+    raise ConfigError(f"{source}: no such preset or YAML file (see `vitcl presets`)")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge; a model or method section naming another model or method replaces the old one whole."""
+    out = dict(base)
+    for k, v in update.items():
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            renamed = k in ("model", "method") and "name" in v and v["name"] != old.get("name")
+            out[k] = dict(v) if renamed else merge(old, v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_source(source: str, _seen: tuple = ()) -> dict:
+    """A YAML file with its `defaults:` list (other presets or files) merged in first."""
+    path = resolve_source(source)
+    if path in _seen:
+        raise ConfigError(f"{path}: `defaults` include themselves")
+    data = _read_yaml(path)
+    defaults = data.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: defaults: expected a list of presets or files")
+    merged: dict = {}
+    for d in defaults:
+        merged = merge(merged, load_source(str(d), _seen + (path,)))
+    return merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{text}: empty key")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------- building
+def load_config(sources: list[str], overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
+    """Merge sources (presets or YAML files) and overrides; return the validated config and the raw tree."""
+    raw: dict = {}
+    for s in sources:
+        raw = merge(raw, load_source(s))
+    for o in overrides:
+        raw = merge(raw, parse_override(o))
+    return from_dict(raw), raw
+
+
+def from_dict(raw: dict) -> Config:
+    """The validated config of a raw tree: sections, the named model and method options, the checks across
+    sections and the method's own checks of the whole config (before any data is read)."""
+    raw = dict(raw)
+    model_raw = {"name": "vit", **(raw.pop("model", None) or {})}
+    method_raw = {"name": "finetune", **(raw.pop("method", None) or {})}
+    cfg = build(Config, raw)
+    cfg.model = _build_named(MODELS, model_raw, "model")
+    cfg.method = _build_named(METHODS, method_raw, "method")
+    validate(cfg)
+    check = getattr(METHODS.get(cfg.method.name, "method.name"), "check", None)
+    if check is not None:
+        check(cfg)
+    return cfg
+
+
+def _build_named(registry: Registry, raw: dict, key: str):
+    name = raw.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}.name: expected one of: {', '.join(registry.names())}")
+    options_cls = registry.get(name, f"{key}.name").Options
+    return build(options_cls, raw, key)
+
+
+def validate(cfg: Config) -> None:
+    """Checks across sections; per-field checks live in the dataclasses' validate()."""
+    t, d, m = cfg.train, cfg.data, cfg.memory
+    positive = {
+        "train.epochs": t.epochs, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "eval.batch_size": cfg.eval.batch_size, "train.checkpoint_every": t.checkpoint_every,
+        "eval.analysis_samples": cfg.eval.analysis_samples,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: expected a positive integer, got {value}")
+    for key, value in {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "memory.size": m.size,
+                       "memory.per_class": m.per_class, "train.warmup_epochs": t.warmup_epochs}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value}")
+    if m.size and m.per_class:
+        raise ConfigError("memory.per_class: give either memory.size (a fixed total) or memory.per_class, not both")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size {t.batch_size}")
+    if t.schedule == "multistep" and not t.milestones:
+        raise ConfigError("train.milestones: the multistep schedule needs a list of epochs")
+    if d.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels: expected 1 or 3, got {d.channels}")
+    inc = d.increment if isinstance(d.increment, list) else [d.increment]
+    if any(i < 1 for i in inc) or d.initial_increment < 0:
+        raise ConfigError(f"data.increment: expected positive class counts, got {d.increment}")
+    a = d.augment
+    if not 0 <= a.label_smoothing < 1:
+        raise ConfigError(f"data.augment.label_smoothing: expected a value in [0, 1), got {a.label_smoothing}")
+    if a.randaugment_n < 0 or not 0 <= a.randaugment_m <= 30:
+        raise ConfigError("data.augment.randaugment_m: expected n >= 0 and a magnitude in [0, 30]")
+
+
+# --------------------------------------------------------------------------------------------- run folders
+@dataclass
+class RunSpec:
+    """What a run folder's config.yaml says: the resolved config and the command-line items it came from."""
+
+    config: Config
+    sources: list[str]
+    overrides: list[str]
+
+
+def save_run_config(run_dir: Path, cfg: Config, sources: list[str], overrides: list[str]) -> Path:
+    doc = {"sources": list(sources), "overrides": list(overrides), **cfg.to_dict()}
+    path = run_dir / RUN_CONFIG
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def load_run_config(run_dir: Path) -> RunSpec:
+    path = run_dir / RUN_CONFIG
+    if not path.exists():
+        raise VitclError(f"{path}: not found; expected a run folder made by `vitcl run`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise VitclError(f"{path}: corrupt YAML") from None
+    if not isinstance(raw, dict):
+        raise VitclError(f"{path}: expected a mapping")
+    sources, overrides = raw.pop("sources", None) or [], raw.pop("overrides", None) or []
+    return RunSpec(from_dict(raw), list(sources), list(overrides))
