@@ -1,6 +1,7 @@
-"""The seed's Mask-RKR parameter table (methods.md §6.2), from the presets, without pretrained weights (meta device).
+"""The Mask-RKR paper's parameter table (docs/methods/taskil.md#published-numbers), from the presets, without
+pretrained weights (meta device).
 
-The seed's #P are rounded to two decimals (not truncated: Piggyback/ResNet-18 is 14,707,872 and prints 14.71),
+Its #P are rounded to two decimals (not truncated: Piggyback/ResNet-18 is 14,707,872 and prints 14.71),
 and the percentages are over one backbone with one head."""
 import pytest
 
