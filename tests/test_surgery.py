@@ -231,7 +231,7 @@ def test_per_task_costs_of_rkr_at_rank_2():
                          default_rules("resnet18")) == (47_018, 4_800)
     vit_b = {"name": "vit", "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
     assert per_task_cost(vit_b, default_rules("vit")) == (331_776, 82_944)
-    # Swin: the public code's layers (no SFG after qkv); the seed's counts need exactly this
+    # Swin: the public code's layers (no SFG after qkv); the Mask-RKR table's counts need exactly this
     swin_cifar = {"name": "swin", "embed_dim": 96, "depths": [2, 2], "num_heads": [3, 6]}
     assert sum(per_task_cost(swin_cifar, default_rules("swin"))) == 21_888
     swin_b = {"name": "swin", "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]}
