@@ -71,7 +71,7 @@ Per step, LVT and its ablations see 32 current images and an independent batch o
 the memory into the task's data (600 task images meet 200 exemplars, so about a quarter of its batches' images
 come from the memory) and so sees fewer memory images per epoch; finetune has no memory. The parameter count
 excludes LVT's injection classifier (training only). How to read the ablations, and why L_a cannot show an effect
-in runs this short: docs/lvt.md."""
+in runs this short: docs/methods/lvt.md."""
     update_section("LVT on Fashion-MNIST (B0, 5 tasks of 2 classes, memory 200)", body)
     print(body)
 

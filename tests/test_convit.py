@@ -1,5 +1,6 @@
 """ConViT / DyTox attention: every variant against a slow, direct transcription of its formula; init facts;
-the batched task decoder against the per-task loop (forward and gradients); parameter counts of methods.md 1.9."""
+the batched task decoder against the per-task loop (forward and gradients); parameter counts of
+docs/methods/dytox.md#parameter-counts."""
 import math
 
 import pytest
@@ -253,7 +254,7 @@ def test_token_drop_path_masks():
 
 
 # --------------------------------------------------------------------------------------------- counts, backbone
-def test_parameter_counts_per_block_match_methods_md():
+def test_parameter_counts_per_block_match_the_docs():
     m = ConViT(32, 3)  # the CIFAR DyTox: dim 384, 12 heads, patch 4, 5 GPSA SABs + 1 TAB
     assert len(m.encoder.blocks) == 5 and len(m.decoder.blocks) == 1
     assert all(isinstance(b.attn, GPSA) for b in m.encoder.blocks)

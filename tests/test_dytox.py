@@ -1,5 +1,5 @@
 """DyTox / DyTox+: losses against direct transcriptions of the published code, growth, freezing, phases,
-the teacher, parameter counts (methods.md 6.1) and an end-to-end run that resumes exactly."""
+the teacher, parameter counts (docs/methods/dytox.md#parameter-counts) and an end-to-end run that resumes exactly."""
 import json
 
 import pytest

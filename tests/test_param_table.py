@@ -1,13 +1,14 @@
-"""The seed's Mask-RKR parameter table (methods.md §6.2), from the presets, without pretrained weights (meta device).
+"""The Mask-RKR paper's parameter table (docs/methods/taskil.md#published-numbers), from the presets, without
+pretrained weights (meta device).
 
-The seed's #P are rounded to two decimals (not truncated: Piggyback/ResNet-18 is 14,707,872 and prints 14.71),
+Its #P are rounded to two decimals (not truncated: Piggyback/ResNet-18 is 14,707,872 and prints 14.71),
 and the percentages are over one backbone with one head."""
 import pytest
 
 from vitcl.cli import main, param_rows
 from vitcl.runconfig import load_config, preset_names
 
-# preset -> (#P in millions, % over one backbone + one head) after 10 tasks, as printed in the seed
+# preset -> (#P in millions, % over one backbone + one head) after 10 tasks, as printed in the Mask-RKR paper's table
 TABLE = {
     "single/cifar100-10tasks": [(111.72, 900.0), (856.59, 900.0), (11.98, 900.0)],
     "multi-head/cifar100-10tasks": [(11.22, 0.41), (85.73, 0.08), (1.22, 1.45)],
@@ -20,7 +21,7 @@ TABLE = {
     "piggyback/imagenet-10tasks": [(15.17, 35.22), (113.11, 31.71), (113.94, 31.20)],
     "mask-rkr/imagenet-10tasks": [(11.75, 4.71), (87.10, 1.42), (88.35, 1.74)],
 }
-# "Ours K+": K raised to RKR's size (K = 17 / 19 / 18); the ImageNet rows of the seed, except ResNet-18's 12.43
+# "Ours K+": K raised to RKR's size (K = 17 / 19 / 18); the ImageNet rows of the table, except ResNet-18's 12.43
 KPLUS = {"mask-rkr/cifar100-10tasks-{}-kplus": [(11.74, 5.05), (89.87, 4.92), (1.43, 19.56)],
          "mask-rkr/imagenet-10tasks-{}-kplus": [None, (90.71, 5.63), (92.30, 6.28)]}
 CASES = [(f"{p}-{bb}", want) for p, row in TABLE.items() for bb, want in zip(("resnet18", "vit-b16", "swin"), row)]

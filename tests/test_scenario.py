@@ -156,7 +156,7 @@ def test_imagenet100_order_is_numpy_seed_1993():
     assert NAMED_ORDERS["imagenet100-order1"][1] == seeded_permutation(100, 1993)
     np.random.seed(1993)
     assert NAMED_ORDERS["imagenet100-order1"][1] == np.random.permutation(100).tolist()
-    # ... and not CIFAR-100's order 1 (methods.md 1.8)
+    # ... and not CIFAR-100's order 1 (docs/methods/dytox.md#class-orders)
     assert NAMED_ORDERS["cifar100-order1"][1] != seeded_permutation(100, 1993)
 
 

@@ -1,4 +1,4 @@
-"""Parameter surgery (Piggyback, RKR, Mask-RKR) against direct, slow transcriptions of methods.md §4."""
+"""Parameter surgery (Piggyback, RKR, Mask-RKR) against direct, slow transcriptions of docs/methods/taskil.md."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,8 @@ def test_binarize_threshold_and_straight_through_gradient():
 
 
 def slow_conv_rectification(lm: torch.Tensor, rm: torch.Tensor, k: int, c_in: int, c_out: int) -> torch.Tensor:
-    """methods.md 4.2 element by element: R = LM·RM of shape (k·c_in, k·c_out), read in row-major order as
-    (k, k, c_in, c_out), then permuted to (c_out, c_in, k, k)."""
+    """docs/methods/taskil.md#rkr element by element: R = LM·RM of shape (k·c_in, k·c_out), read in row-major
+    order as (k, k, c_in, c_out), then permuted to (c_out, c_in, k, k)."""
     prod = lm @ rm
     flat = [prod[r, c].item() for r in range(prod.shape[0]) for c in range(prod.shape[1])]
     out = torch.zeros(c_out, c_in, k, k)
@@ -226,12 +226,12 @@ def per_task_cost(model_cfg: dict, rules, img: int = 224, rank: int = 2) -> tupl
     return rg, sfg
 
 
-def test_per_task_costs_of_methods_md():
+def test_per_task_costs_of_rkr_at_rank_2():
     assert per_task_cost({"name": "resnet18", "stem": "imagenet", "bn_affine": False},
                          default_rules("resnet18")) == (47_018, 4_800)
     vit_b = {"name": "vit", "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
     assert per_task_cost(vit_b, default_rules("vit")) == (331_776, 82_944)
-    # Swin: the public code's layers (no SFG after qkv); the seed's counts need exactly this
+    # Swin: the public code's layers (no SFG after qkv); the Mask-RKR table's counts need exactly this
     swin_cifar = {"name": "swin", "embed_dim": 96, "depths": [2, 2], "num_heads": [3, 6]}
     assert sum(per_task_cost(swin_cifar, default_rules("swin"))) == 21_888
     swin_b = {"name": "swin", "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]}
