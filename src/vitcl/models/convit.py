@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,11 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import Registry
 from .layers import Attention, Block, DropPath, Mlp, PatchEmbed, init_vit_weights, trunc_normal_
-from .registry import register_model
+from .registry import Backbone, register_model
 
 SAB_ATTENTIONS: Registry = Registry("SAB attention")
+DecoderMode = Literal["batched", "loop"]
+DecoderDropPath = Literal["per_token", "shared"]
 
 
 def register_sab_attention(name: str):
@@ -270,9 +273,9 @@ class TaskAttentionBlock(nn.Module):
 class TaskDecoder(nn.Module):
     """The TABs applied to T task tokens over shared patch tokens -> (B, T, C) task embeddings."""
 
-    MODES = ("batched", "loop")
+    MODES = get_args(DecoderMode)
 
-    def __init__(self, blocks: list[nn.Module], mode: str = "batched"):
+    def __init__(self, blocks: list[nn.Module], mode: DecoderMode = "batched"):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"decoder mode must be one of {self.MODES}, got {mode!r}")
@@ -345,8 +348,8 @@ class ConViTOptions:
     # [lpsa, lpsa, gpsa, gpsa, gpsa]); empty: every SAB uses `sab`
     sab_layers: list[str] = field(default_factory=list)
     lpsa_lambda_std: float = 0.02  # LPSA only: std of the truncated normal drawing each head's content weight
-    decoder: str = "batched"  # batched: all task tokens in one call per TAB | loop: one token at a time
-    decoder_drop_path: str = "per_token"  # per_token (= the public per-task loop) | shared (JointCA)
+    decoder: DecoderMode = "batched"  # batched: all task tokens in one call per TAB | loop: one token at a time
+    decoder_drop_path: DecoderDropPath = "per_token"  # per_token (= the public per-task loop) | shared (JointCA)
 
     def validate(self, key: str) -> None:
         if self.sab not in SAB_ATTENTIONS:
@@ -360,10 +363,6 @@ class ConViTOptions:
                               f"(local_up_to_layer); give one per SAB")
         if self.lpsa_lambda_std < 0:
             raise ConfigError(f"{key}.lpsa_lambda_std: expected a value >= 0, got {self.lpsa_lambda_std}")
-        if self.decoder not in TaskDecoder.MODES:
-            raise ConfigError(f"{key}.decoder: expected batched or loop, got {self.decoder!r}")
-        if self.decoder_drop_path not in ("per_token", "shared"):
-            raise ConfigError(f"{key}.decoder_drop_path: expected per_token or shared, got {self.decoder_drop_path!r}")
         if self.decoder == "loop" and self.decoder_drop_path == "shared":
             raise ConfigError(f"{key}.decoder_drop_path: 'shared' needs the batched decoder (a loop draws one mask "
                               f"per token)")
@@ -374,30 +373,31 @@ class ConViTOptions:
             raise ConfigError(f"{key}.num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
 
 
-class ConViT(nn.Module):
+@register_model("convit")
+class ConViT(Backbone):
     """Encoder (SABs over patches) + decoder (TABs over a class token) + final norm: a standalone backbone.
     DyTox takes the encoder, the decoder and the class token (its first task token) from it."""
 
-    def __init__(self, img_size: int, in_chans: int, patch_size: int = 4, embed_dim: int = 384, depth: int = 6,
-                 local_up_to_layer: int = 5, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.1, locality_strength: float = 1.0,
-                 sab: str = "gpsa", decoder: str = "batched", decoder_drop_path: str = "per_token",
-                 sab_layers: list[str] | tuple[str, ...] = (), lpsa_lambda_std: float = 0.02):
+    Options = ConViTOptions
+
+    def __init__(self, img_size: int, in_chans: int, opts: ConViTOptions | None = None, **changes):
         super().__init__()
-        rates = torch.linspace(0, drop_path, depth).tolist()
-        kinds = list(sab_layers) or [sab] * local_up_to_layer
-        if len(kinds) != local_up_to_layer:
-            raise ValueError(f"sab_layers names {len(kinds)} attentions for {local_up_to_layer} SABs")
+        o = self.options(opts, **changes)
+        embed_dim, num_heads, mlp_ratio, qkv_bias, drop = o.embed_dim, o.num_heads, o.mlp_ratio, o.qkv_bias, o.drop
+        rates = torch.linspace(0, o.drop_path, o.depth).tolist()
+        kinds = list(o.sab_layers) or [o.sab] * o.local_up_to_layer
+        if len(kinds) != o.local_up_to_layer:
+            raise ValueError(f"sab_layers names {len(kinds)} attentions for {o.local_up_to_layer} SABs")
         sabs = [Block(embed_dim, SAB_ATTENTIONS.get(kind, "model.sab")(
-                    embed_dim, num_heads, qkv_bias, attn_drop, drop, locality_strength,
-                    lpsa_lambda_std=lpsa_lambda_std), mlp_ratio, drop, rates[i])
+                    embed_dim, num_heads, qkv_bias, o.attn_drop, drop, o.locality_strength,
+                    lpsa_lambda_std=o.lpsa_lambda_std), mlp_ratio, drop, rates[i])
                 for i, kind in enumerate(kinds)]
-        tabs = [TaskAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, rates[i],
-                                   per_token_drop_path=decoder_drop_path == "per_token")
-                for i in range(local_up_to_layer, depth)]
+        tabs = [TaskAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop, o.attn_drop, rates[i],
+                                   per_token_drop_path=o.decoder_drop_path == "per_token")
+                for i in range(o.local_up_to_layer, o.depth)]
         self.num_features = self.embed_dim = embed_dim
-        self.encoder = ConViTEncoder(img_size, in_chans, patch_size, embed_dim, sabs, drop)
-        self.decoder = TaskDecoder(tabs, decoder)
+        self.encoder = ConViTEncoder(img_size, in_chans, o.patch_size, embed_dim, sabs, drop)
+        self.decoder = TaskDecoder(tabs, o.decoder)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.norm = nn.LayerNorm(embed_dim)
         self.init_weights()
@@ -421,9 +421,3 @@ class ConViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-@register_model("convit", ConViTOptions)
-def build_convit(opts: ConViTOptions, img_size: int, in_chans: int) -> ConViT:
-    kwargs = {k: v for k, v in vars(opts).items() if k != "name"}
-    return ConViT(img_size=img_size, in_chans=in_chans, **kwargs)

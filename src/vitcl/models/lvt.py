@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .layers import Block, init_vit_weights, trunc_normal_
-from .registry import register_model
+from .registry import Backbone, register_model
 
 
 class InterTaskAttention(nn.Module):
@@ -117,8 +118,6 @@ class LVTOptions:
     key_std: float = 0.02  # init std of the external keys K_W (B starts at zero)
 
     def validate(self, key: str) -> None:
-        from ..errors import ConfigError
-
         if len(self.stem) != len(self.stem_strides):
             raise ConfigError(f"{key}.stem_strides: one stride per stem layer ({len(self.stem)}), "
                               f"got {len(self.stem_strides)}")
@@ -134,25 +133,26 @@ class LVTOptions:
             raise ConfigError(f"{key}.strides: strides must be positive")
 
 
-class LVTNet(nn.Module):
+@register_model("lvt")
+class LVTNet(Backbone):
     """Conv stem -> stages (entry conv + inter-task attention blocks) -> LayerNorm -> mean over tokens."""
 
-    def __init__(self, img_size: int, in_chans: int, stem: list[int], stem_strides: list[int], dims: list[int],
-                 depths: list[int], heads: list[int], strides: list[int], mlp_ratio: float = 4.0,
-                 qv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 key_std: float = 0.02):
+    Options = LVTOptions
+
+    def __init__(self, img_size: int, in_chans: int, opts: LVTOptions | None = None, **changes):
         super().__init__()
+        o = self.options(opts, **changes)
         layers, cin, grid = [], in_chans, img_size
-        for c, s in zip(stem, stem_strides):
+        for c, s in zip(o.stem, o.stem_strides):
             layers.append(conv_bn(cin, c, s))
             cin, grid = c, (grid - 1) // s + 1
         self.stem = nn.Sequential(*layers)
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+        rates = torch.linspace(0, o.drop_path, sum(o.depths)).tolist()
         self.stages = nn.ModuleList()
         start = 0
-        for dim, depth, h, s in zip(dims, depths, heads, strides):
-            stage = Stage(cin, dim, s, grid, depth, h, mlp_ratio, qv_bias, drop, attn_drop,
-                          rates[start:start + depth], key_std)
+        for dim, depth, h, s in zip(o.dims, o.depths, o.heads, o.strides):
+            stage = Stage(cin, dim, s, grid, depth, h, o.mlp_ratio, o.qv_bias, o.drop, o.attn_drop,
+                          rates[start:start + depth], o.key_std)
             self.stages.append(stage)
             cin, grid, start = dim, stage.grid, start + depth
         self.norm = nn.LayerNorm(cin)
@@ -178,9 +178,3 @@ class LVTNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-@register_model("lvt", LVTOptions)
-def build_lvt(opts: LVTOptions, img_size: int, in_chans: int) -> LVTNet:
-    kwargs = {k: v for k, v in vars(opts).items() if k != "name"}
-    return LVTNet(img_size=img_size, in_chans=in_chans, **kwargs)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from .registry import register_model
+
+Stem = Literal["cifar", "imagenet"]  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + max-pool
 
 
 class PadShortcut(nn.Module):
@@ -50,10 +53,10 @@ class ResNet(nn.Module):
     bn_affine=False drops BatchNorm's scale and shift (the RKR / Mask-RKR ResNets: their parameter counts, 11.17M
     for ResNet-18, have none); running statistics stay."""
 
-    def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: str = "cifar",
+    def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: Stem = "cifar",
                  shortcut: str = "conv", bn_affine: bool = True):
         super().__init__()
-        if stem not in ("cifar", "imagenet"):
+        if stem not in get_args(Stem):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         w0 = widths[0]
         if stem == "imagenet":
@@ -96,11 +99,16 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def checkpoint_filter_fn(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """torchvision's and timm's names are ours; BatchNorm's step counters go where this model keeps none."""
+        own = self.state_dict()
+        return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked") or k in own}
+
 
 @dataclass
 class ResNet18Options:
     name: str = "resnet18"
-    stem: str = "cifar"  # cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + max-pool
+    stem: Stem = "cifar"
     width: int = 64
     bn_affine: bool = True  # false: BatchNorm without scale/shift (the RKR papers' ResNets)
     pretrained: str | None = None  # a local torchvision/timm state dict (see models/pretrained.py)
@@ -114,13 +122,23 @@ class ResNet32Options:
     pretrained: str | None = None
 
 
-@register_model("resnet18", ResNet18Options)
-def build_resnet18(opts: ResNet18Options, img_size: int, in_chans: int) -> ResNet:
-    w = opts.width
-    return ResNet([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, bn_affine=opts.bn_affine)
+@register_model("resnet18")
+class ResNet18(ResNet):
+    """The ResNet of this layout, built from its options (the general ResNet takes blocks and widths)."""
+
+    Options = ResNet18Options
+
+    @classmethod
+    def from_options(cls, opts: ResNet18Options, img_size: int, in_chans: int) -> ResNet18:
+        w = opts.width
+        return cls([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, bn_affine=opts.bn_affine)
 
 
-@register_model("resnet32", ResNet32Options)
-def build_resnet32(opts: ResNet32Options, img_size: int, in_chans: int) -> ResNet:
-    w = opts.width
-    return ResNet([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad", bn_affine=opts.bn_affine)
+@register_model("resnet32")
+class ResNet32(ResNet):
+    Options = ResNet32Options
+
+    @classmethod
+    def from_options(cls, opts: ResNet32Options, img_size: int, in_chans: int) -> ResNet32:
+        w = opts.width
+        return cls([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad", bn_affine=opts.bn_affine)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,10 @@ from torch import nn
 from ..errors import ConfigError
 
 MASK_SUFFIX = "_score"
-RG_LATER = ("real", "mask", "mask-lm", "mask-rm", "mask-product")
-SFG_LATER = ("real", "mask")
-BN_MODES = ("task", "shared", "frozen")
+RGLater = Literal["real", "mask", "mask-lm", "mask-rm", "mask-product"]
+SFGLater = Literal["real", "mask"]
+BNMode = Literal["task", "shared", "frozen"]
+RG_LATER, SFG_LATER, BN_MODES = get_args(RGLater), get_args(SFGLater), get_args(BNMode)
 
 
 class Binarize(torch.autograd.Function):
@@ -103,8 +105,8 @@ class TaskParams:
     weight_mask: bool = False  # Piggyback: binary mask over W
     rank: int = 0  # RKR rectification W + LM·RM of this rank; 0: none
     sfg: bool = False  # RKR scaling factors per output channel
-    later: str = "real"  # RG of tasks >= 1: real (RKR) | mask (Mask-RKR) | mask-lm | mask-rm | mask-product (PBwR)
-    sfg_later: str = "real"  # SFG of tasks >= 1: real | mask
+    later: RGLater = "real"  # RG of tasks >= 1: real (RKR) | mask (Mask-RKR) | mask-lm | mask-rm | mask-product (PBwR)
+    sfg_later: SFGLater = "real"  # SFG of tasks >= 1: real | mask
     scale: float = 0.1  # LM, RM init: kaiming-uniform x scale
     mask_init: float = 1e-2  # mask scores start here (all ones once binarised)
     threshold: float = 5e-3
@@ -262,7 +264,7 @@ class TaskBatchNorm(nn.Module):
     """BatchNorm2d whose running statistics are per task ("task"), shared and updated by every task ("shared", the
     public RKR code), or never updated ("frozen", Piggyback). Scale and shift, if any, are kept (frozen) and shared."""
 
-    def __init__(self, bn: nn.BatchNorm2d, mode: str = "task"):
+    def __init__(self, bn: nn.BatchNorm2d, mode: BNMode = "task"):
         super().__init__()
         if mode not in BN_MODES:
             raise ConfigError(f"bn: expected one of {BN_MODES}, got {mode!r}")
@@ -301,7 +303,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def apply_surgery(model: nn.Module, rules: list[LayerRule], params: TaskParams, bn: str = "task",
+def apply_surgery(model: nn.Module, rules: list[LayerRule], params: TaskParams, bn: BNMode = "task",
                   key: str = "method.layers") -> list[str]:
     """Wrap the matching layers and every BatchNorm2d of `model` in place; returns the wrapped layer names."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]

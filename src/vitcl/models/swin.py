@@ -1,6 +1,6 @@
 """Swin Transformer (Liu et al., 2021) with timm's state-dict names (timm >= 0.9 layout: the patch merging that
 halves the resolution sits at the start of stages 1..n-1 as `layers.i.downsample`), so timm checkpoints load by key;
-models/pretrained.py converts the original release's and torchvision's layouts.
+`checkpoint_filter_fn` converts the original release's and torchvision's layouts.
 
 Window attention runs on scaled_dot_product_attention with the relative position bias and the shifted-window mask
 as one additive mask. A feature map that is not a multiple of the window is padded (bottom/right) as in Swin's
@@ -8,6 +8,7 @@ detection code; a map no larger than the window gets one window and no shift, as
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import DropPath, Mlp, init_vit_weights, trunc_normal_
-from .registry import register_model
+from .registry import Backbone, register_model
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -176,41 +177,6 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H, W, C)
 
 
-class SwinTransformer(nn.Module):
-    def __init__(self, img_size: int, in_chans: int, patch_size: int = 4, embed_dim: int = 96,
-                 depths: tuple[int, ...] = (2, 2, 6, 2), num_heads: tuple[int, ...] = (3, 6, 12, 24),
-                 window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.1, patch_norm: bool = True):
-        super().__init__()
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
-        self.pos_drop = nn.Dropout(drop)
-        res = (max(img_size // patch_size, 1),) * 2
-        total = sum(depths)
-        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
-        stages, dim = [], embed_dim
-        for i, (d, h) in enumerate(zip(depths, num_heads)):
-            out_dim = embed_dim * 2**i
-            stage = SwinStage(dim, out_dim, d, h, res, i > 0, window_size, mlp_ratio, qkv_bias, drop, attn_drop,
-                              rates[sum(depths[:i]): sum(depths[: i + 1])])
-            res, dim = stage.resolution, out_dim
-            stages.append(stage)
-        self.layers = nn.Sequential(*stages)
-        self.num_features = dim
-        self.norm = nn.LayerNorm(dim)
-        self.apply(init_vit_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layers(self.pos_drop(self.patch_embed(x))))  # (B, H, W, C)
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(1, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
 @dataclass
 class SwinOptions:
     name: str = "swin"
@@ -228,8 +194,82 @@ class SwinOptions:
     pretrained: str | None = None  # a local timm / original-release / torchvision state dict
 
 
-@register_model("swin", SwinOptions)
-def build_swin(opts: SwinOptions, img_size: int, in_chans: int) -> SwinTransformer:
-    kwargs = {k: v for k, v in vars(opts).items() if k not in ("name", "pretrained")}
-    kwargs["depths"], kwargs["num_heads"] = tuple(opts.depths), tuple(opts.num_heads)
-    return SwinTransformer(img_size=img_size, in_chans=in_chans, **kwargs)
+@register_model("swin")
+class SwinTransformer(Backbone):
+    Options = SwinOptions
+
+    def __init__(self, img_size: int, in_chans: int, opts: SwinOptions | None = None, **changes):
+        super().__init__()
+        o = self.options(opts, **changes)
+        depths, num_heads, embed_dim, drop = o.depths, o.num_heads, o.embed_dim, o.drop
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} differ in length")
+        self.patch_embed = PatchEmbed(o.patch_size, in_chans, embed_dim, o.patch_norm)
+        self.pos_drop = nn.Dropout(drop)
+        res = (max(img_size // o.patch_size, 1),) * 2
+        total = sum(depths)
+        rates = [o.drop_path * i / max(total - 1, 1) for i in range(total)]
+        stages, dim = [], embed_dim
+        for i, (d, h) in enumerate(zip(depths, num_heads)):
+            out_dim = embed_dim * 2**i
+            stage = SwinStage(dim, out_dim, d, h, res, i > 0, o.window_size, o.mlp_ratio, o.qkv_bias, drop,
+                              o.attn_drop, rates[sum(depths[:i]): sum(depths[: i + 1])])
+            res, dim = stage.resolution, out_dim
+            stages.append(stage)
+        self.layers = nn.Sequential(*stages)
+        self.num_features = dim
+        self.norm = nn.LayerNorm(dim)
+        self.apply(init_vit_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(self.pos_drop(self.patch_embed(x))))  # (B, H, W, C)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def checkpoint_filter_fn(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A timm, original-release or torchvision state dict -> our names (merging at the start of a stage), the
+        relative-position tables resampled to this model's windows."""
+        if any(k.startswith("features.") for k in sd):
+            sd = swin_from_torchvision(sd)
+        elif any(k.startswith("layers.0.downsample.") for k in sd):  # the original layout: merging ends a stage
+            moved = {}
+            for k, v in sd.items():
+                if k.startswith("layers.") and ".downsample." in k:
+                    i = int(k.split(".")[1])
+                    k = k.replace(f"layers.{i}.downsample.", f"layers.{i + 1}.downsample.", 1)
+                moved[k] = v
+            sd = moved
+        sd = {k: v for k, v in sd.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+        own = self.state_dict()
+        for k, v in list(sd.items()):
+            if k.endswith("relative_position_bias_table") and k in own and own[k].shape != v.shape:
+                old, new = int(math.isqrt(v.shape[0])), int(math.isqrt(own[k].shape[0]))
+                t = v.T.reshape(1, -1, old, old).float()
+                t = F.interpolate(t, size=(new, new), mode="bicubic", align_corners=False)
+                sd[k] = t.reshape(-1, new * new).T.to(v.dtype)
+        return sd
+
+
+def swin_from_torchvision(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in w.items():
+        parts = k.split(".")
+        if parts[0] != "features":
+            out[k] = v
+            continue
+        f = int(parts[1])
+        rest = ".".join(parts[2:])
+        if f == 0:
+            out[{"0.weight": "patch_embed.proj.weight", "0.bias": "patch_embed.proj.bias",
+                 "2.weight": "patch_embed.norm.weight", "2.bias": "patch_embed.norm.bias"}.get(rest, k)] = v
+        elif f % 2 == 0:  # patch merging feeding stage f/2
+            out[f"layers.{f // 2}.downsample.{rest}"] = v
+        else:
+            j, sub = parts[2], ".".join(parts[3:])
+            sub = sub.replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2.")
+            out[f"layers.{f // 2}.blocks.{j}.{sub}"] = v
+    return out

@@ -29,17 +29,24 @@ def timm_family(arch: str) -> str:
     return "timm"
 
 
-@register_model("timm", TimmOptions)
-def build_timm(opts: TimmOptions, img_size: int, in_chans: int):
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError("model.name: 'timm' needs the optional timm package: pip install 'vitcl[timm]'") from None
-    kwargs = dict(opts.kwargs)
-    if timm_family(opts.arch) in ("vit", "swin"):
-        kwargs.setdefault("img_size", img_size)
-    try:
-        return timm.create_model(opts.arch, pretrained=False, num_classes=0, in_chans=in_chans,
-                                 drop_path_rate=opts.drop_path, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"model.arch: timm cannot build '{opts.arch}' ({exc})") from None
+@register_model("timm")
+class TimmBackbone:
+    """The registry entry for timm's models: what it builds is timm's own module (no instance of this class), whose
+    names are already timm's, so it needs no checkpoint filter."""
+
+    Options = TimmOptions
+
+    @classmethod
+    def from_options(cls, opts: TimmOptions, img_size: int, in_chans: int):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError("model.name: 'timm' needs the optional timm package: pip install 'vitcl[timm]'") from None
+        kwargs = dict(opts.kwargs)
+        if timm_family(opts.arch) in ("vit", "swin"):
+            kwargs.setdefault("img_size", img_size)
+        try:
+            return timm.create_model(opts.arch, pretrained=False, num_classes=0, in_chans=in_chans,
+                                     drop_path_rate=opts.drop_path, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"model.arch: timm cannot build '{opts.arch}' ({exc})") from None
