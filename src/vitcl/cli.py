@@ -8,8 +8,12 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import VitclError
+
+if TYPE_CHECKING:
+    from .data.scenario import Scenario
 
 DEFAULT_PRESET = "dytox/digits-b0inc2"  # `vitcl run` with no argument: the embedded demo (a small DyTox)
 
@@ -48,8 +52,8 @@ def cmd_run(args) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(run_dir, cfg, sources, overrides)
         print(f"run folder: {run_dir}", file=sys.stderr)
-        print(f"{cfg.method.name} · {cfg.model.name} · {cfg.data.dataset if not cfg.data.datasets else cfg.data.datasets}"
-              f" · {trainer.scenario.describe()} · device {trainer.device}"
+        data = cfg.data.datasets or cfg.data.dataset
+        print(f"{cfg.method.name} · {cfg.model.name} · {data} · {trainer.scenario.describe()} · device {trainer.device}"
               + (f" × {trainer.world}" if trainer.world > 1 else ""), file=sys.stderr)
     return _fit_and_report(trainer, None)
 
@@ -169,7 +173,7 @@ def _build_for_count(cfg, scenario):
         return cls(cfg, scenario, torch.device("cpu")), torch.device("cpu")
 
 
-def param_rows(cfg) -> tuple[list[dict], object]:
+def param_rows(cfg) -> tuple[list[dict], Scenario]:
     """Per task: total and trainable parameters after begin_task and the first phase's setup, growth over the
     first task and, where the method has a reference (one backbone with one head), the % increase over it."""
     import torch
@@ -217,8 +221,8 @@ def cmd_params(args) -> int:
         return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.2f}"
 
     for r in rows:
-        print(f"{r['task'] + 1:>5} {r['classes_seen']:>8} {num(r['total']):>16} {millions(r['total'], args.rounding):>8} "
-              f"{num(r['trainable']):>14} {r['growth']:>+12,.0f}"
+        total = f"{num(r['total']):>16} {millions(r['total'], args.rounding):>8}"
+        print(f"{r['task'] + 1:>5} {r['classes_seen']:>8} {total} {num(r['trainable']):>14} {r['growth']:>+12,.0f}"
               + (f" {r['increase_pct']:>+18.2f}%" if pct else ""))
     return 0
 

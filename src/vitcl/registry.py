@@ -1,7 +1,8 @@
 """Name -> factory registries for models, methods, sources and memory selectors."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 

@@ -148,11 +148,12 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size, "train.checkpoint_every": t.checkpoint_every,
         "eval.analysis_samples": cfg.eval.analysis_samples,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: expected a positive integer, got {value}")
-    for key, value in {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "memory.size": m.size,
-                       "memory.per_class": m.per_class, "train.warmup_epochs": t.warmup_epochs}.items():
+    for key, count in positive.items():
+        if count < 1:
+            raise ConfigError(f"{key}: expected a positive integer, got {count}")
+    at_least_zero: dict[str, float] = {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "memory.size": m.size,
+                                       "memory.per_class": m.per_class, "train.warmup_epochs": t.warmup_epochs}
+    for key, value in at_least_zero.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value}")
     if m.size and m.per_class:

@@ -15,8 +15,8 @@ from ..config import AugmentConfig
 class BatchAugment:
     def __init__(self, cfg: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...], channels: int):
         self.cfg = cfg
-        mean = cfg.mean or list(mean)
-        std = cfg.std or list(std)
+        mean = tuple(cfg.mean or mean)
+        std = tuple(cfg.std or std)
         if len(mean) == 1 and channels > 1:
             mean, std = mean * channels, std * channels
         if len(mean) != channels or len(std) != channels:

@@ -77,7 +77,7 @@ def _load_pair(source, cfg: DataConfig, shapes_only: bool = False) -> tuple[Imag
 
 
 def _fit(images: ImageSet, size: int, channels: int, mode: str) -> ImageSet:
-    if not images.in_memory:
+    if images.images is None:
         images.image_size, images.channels = size, channels  # lazy readers fit each image as they decode it
         return images
     return ImageSet(images.targets, fit_images(images.images, size, channels, mode), class_names=images.class_names)
@@ -90,6 +90,7 @@ def _shift(images: ImageSet, shift: int) -> ImageSet:
 
 def _concat(sets: list[ImageSet]) -> ImageSet:
     targets = torch.cat([s.targets for s in sets])
-    if all(s.in_memory for s in sets):
-        return ImageSet(targets, torch.cat([s.images for s in sets]))
+    resident = [s.images for s in sets if s.images is not None]
+    if len(resident) == len(sets):
+        return ImageSet(targets, torch.cat(resident))
     return ImageSet(targets, None, ConcatReader(sets), image_size=sets[0].image_size, channels=sets[0].channels)

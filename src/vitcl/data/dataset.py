@@ -1,8 +1,8 @@
 """Image sets: uint8 tensors in memory, or a lazy reader that decodes files on demand (large datasets)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ class ImageSet:
             raise ValueError("an ImageSet needs images or a read function")
         if self.images is not None:
             if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-                raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+                shape = tuple(self.images.shape)
+                raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {shape}")
             if len(self.images) != len(self.targets):
                 raise ValueError(f"{len(self.images)} images but {len(self.targets)} targets")
             self.channels, self.image_size = self.images.shape[1], self.images.shape[-1]
@@ -42,11 +43,12 @@ class ImageSet:
     def num_classes(self) -> int:
         return len(self.class_names) if self.class_names else int(self.targets.max()) + 1
 
-    def subset(self, keep: torch.Tensor) -> "ImageSet":
+    def subset(self, keep: torch.Tensor) -> ImageSet:
         """Rows `keep` of this set (in memory), or a lazy view of them."""
         keep = keep.long()
-        if self.in_memory:
+        if self.images is not None:
             return ImageSet(self.targets[keep], self.images[keep], None, self.class_names)
+        assert self.read is not None  # __post_init__: a set has images or a read function
         return ImageSet(self.targets[keep], None, RowReader(self.read, keep), self.class_names, self.image_size,
                         self.channels)
 
@@ -66,8 +68,12 @@ class RowReader:
 class ConcatReader:
     """Reads row i of the concatenation of several sets (lazy or in memory)."""
 
-    def __init__(self, sets: list["ImageSet"]):
-        self.parts = [s.read if not s.in_memory else s.images for s in sets]
+    def __init__(self, sets: list[ImageSet]):
+        self.parts: list[torch.Tensor | Callable[[int], torch.Tensor]] = []
+        for s in sets:
+            part = s.images if s.images is not None else s.read
+            assert part is not None  # __post_init__: a set has images or a read function
+            self.parts.append(part)
         self.bounds = torch.tensor([0] + [len(s) for s in sets]).cumsum(0)
 
     def __call__(self, i: int) -> torch.Tensor:
@@ -83,8 +89,8 @@ def fit_images(images: torch.Tensor, size: int, channels: int, mode: str = "resi
         if channels == 3 and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         elif channels == 1 and images.shape[1] == 3:
-            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            images = (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
         else:
             raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
     h, w = images.shape[-2:]

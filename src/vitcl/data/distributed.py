@@ -45,17 +45,19 @@ def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = N
     extra = torch.zeros((), dtype=torch.float64) if extra is None else extra.detach().double().cpu()
     if not dist.is_initialized():
         return float(extra)
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
     device = params[0].device if params else torch.device("cpu")
-    flat = torch.cat([p.grad.flatten().float() for p in params] + [extra.float().view(1).to(device)])
+    flat = torch.cat([g.flatten().float() for g in grads] + [extra.float().view(1).to(device)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
     return float(flat[-1])
 
 

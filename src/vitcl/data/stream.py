@@ -6,7 +6,7 @@ takes its share of every global batch, so 1 and N processes see the same global 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -59,14 +59,15 @@ class BatchStream:
 
     def __init__(self, images: ImageSet, device: torch.device, num_workers: int = 2):
         self.images, self.device, self.num_workers = images, device, num_workers
-        self._on_device = None
+        self._on_device: torch.Tensor | None = None
 
     def _resident(self) -> torch.Tensor:
         # small sets live on the device once; larger ones are copied per batch from pinned host memory
         if self._on_device is None:
-            nbytes = self.images.images.numel()
-            on_gpu = self.device.type == "cuda" and nbytes < 2 * 1024**3
-            self._on_device = self.images.images.to(self.device) if on_gpu else self.images.images
+            images = self.images.images
+            assert images is not None  # called for in-memory sets only
+            on_gpu = self.device.type == "cuda" and images.numel() < 2 * 1024**3
+            self._on_device = images.to(self.device) if on_gpu else images
         return self._on_device
 
     def __call__(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def collect_attention(model: nn.Module, forward, x: torch.Tensor) -> list[LayerA
     for name, mod, args, kwargs in calls:
         seen[name] = seen.get(name, 0) + 1
         label = name if count[name] == 1 else f"{name}#{seen[name]}"
-        out.append(LayerAttention(label, mod.attention_map(*args, **kwargs).float()))
+        attention_map = typing.cast(typing.Callable[..., torch.Tensor], mod.attention_map)
+        out.append(LayerAttention(label, attention_map(*args, **kwargs).float()))
     return out
 
 

@@ -29,6 +29,7 @@ plug in by name; each SAB may use its own (`sab_layers`, e.g. LPA's "the first k
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -76,7 +77,7 @@ def _grid_of(n: int) -> int:
 
 # --------------------------------------------------------------------------------------------- GPSA
 
-def split_qk_v(attn: nn.Module, x: torch.Tensor):
+def split_qk_v(attn: typing.Any, x: torch.Tensor):
     """Per-head q, k, v (B, H, N, d) from ConViT's fused `qk` and separate `v` projections (GPSA, LPSA)."""
     B, N, _ = x.shape
     q, k = attn.qk(x).reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -105,6 +106,7 @@ class GPSA(nn.Module):
         self.gating_param = nn.Parameter(torch.ones(num_heads))
         self.locality_strength = locality_strength
         self.use_local_init = use_local_init
+        self.rel_indices: torch.Tensor | None
         self.register_buffer("rel_indices", None, persistent=False)
         self.reset_parameters()
 
@@ -275,7 +277,7 @@ class TaskDecoder(nn.Module):
 
     MODES = get_args(DecoderMode)
 
-    def __init__(self, blocks: list[nn.Module], mode: DecoderMode = "batched"):
+    def __init__(self, blocks: typing.Sequence[nn.Module], mode: DecoderMode = "batched"):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"decoder mode must be one of {self.MODES}, got {mode!r}")
@@ -310,8 +312,8 @@ class ConViTEncoder(nn.Module):
     """Patch embedding (conv, PyTorch's default init) + positional embedding (trunc-normal 0.02, no class token)
     + the self-attention blocks. forward(x) -> (B, N, C) patch tokens."""
 
-    def __init__(self, img_size: int, in_chans: int, patch_size: int, embed_dim: int, blocks: list[nn.Module],
-                 drop: float = 0.0):
+    def __init__(self, img_size: int, in_chans: int, patch_size: int, embed_dim: int,
+                 blocks: typing.Sequence[nn.Module], drop: float = 0.0):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_patches = self.patch_embed.num_patches

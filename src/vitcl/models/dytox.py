@@ -54,6 +54,8 @@ class DyToxNet(nn.Module):
         return torch.cat([head(emb[:, i]) for i, head in enumerate(self.heads)], dim=1)
 
     def forward_div(self, emb: torch.Tensor) -> torch.Tensor:
+        if self.head_div is None:
+            raise RuntimeError("the divergence head exists from the second task on")
         return self.head_div(emb[:, -1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Classifier heads that grow with the tasks. Logits of all seen classes are concatenated in task order."""
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ class GrowingHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return sum(h.fc.out_features for h in self.heads)
+        return sum(typing.cast(TaskHead, h).fc.out_features for h in self.heads)
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         if task is not None:

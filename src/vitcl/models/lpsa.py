@@ -67,6 +67,7 @@ class LPSA(nn.Module):
         self.pos_proj = nn.Linear(4, num_heads, bias=False)  # rows: (v_h[0:3], lambda_h)
         self.locality_strength, self.lambda_std, self.use_local_init = locality_strength, lambda_std, use_local_init
         # r for the grid seen last (built at the first forward when num_patches is not given)
+        self.rel_pos: torch.Tensor | None
         self.register_buffer("rel_pos", None, persistent=False)
         if num_patches is not None:
             self.relative_positions(num_patches, None)

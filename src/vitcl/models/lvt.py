@@ -6,7 +6,7 @@ bias B:
 
     A = softmax(Q K_Wᵀ / √d + B),   out = A V,   Q = X W_Q,  V = X W_V
 
-Shapes chosen here (the paper's per-head layout is not available to us; see docs/lvt.md):
+Shapes chosen here (the paper's per-head layout is not available to us; see docs/methods/lvt.md#inter-task-attention):
     K_W: (H, N, d_h)  one key per head and token position (the multi-head version of "one key per position");
     B:   (H, N, N)    one bias per head and (query position, key position) pair.
 Both are input-independent parameters, which is what makes them cheap to consolidate: the method estimates their

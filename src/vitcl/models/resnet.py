@@ -61,7 +61,7 @@ class ResNet(nn.Module):
         w0 = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, w0, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1)
         else:
             self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()

@@ -1,4 +1,5 @@
-"""Parameter surgery: per-task parameters on a frozen network, for Piggyback, RKR and Mask-RKR (methods.md §4).
+"""Parameter surgery: per-task parameters on a frozen network, for Piggyback, RKR and Mask-RKR
+(docs/methods/taskil.md#parameter-surgery).
 
 `apply_surgery(model, rules, params, bn)` replaces the Conv2d / Linear layers whose names match the rules by
 `TaskLayer`s and every BatchNorm2d by a `TaskBatchNorm`. A TaskLayer keeps the frozen weight W and bias under their
@@ -20,6 +21,7 @@ Parameters whose name ends in `_score` are binary masks at test time: `parameter
 from __future__ import annotations
 
 import fnmatch
+import typing
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -74,8 +76,8 @@ class LayerRule:
     sfg: bool = True  # a per-output-channel scale after this layer (when the method uses SFG)
 
 
-# The papers' choice per backbone (methods.md §4.2; Swin: the public code's, no SFG after qkv, which the
-# seed's Swin counts need: 21,888 per task at K = 2 for the CIFAR Swin, 457,216 for Swin-B).
+# The papers' choice per backbone (docs/methods/taskil.md#parameter-surgery; Swin: the public code's, no SFG after
+# qkv, which the Mask-RKR table's Swin counts need: 21,888 per task at K = 2 for the CIFAR Swin, 457,216 for Swin-B).
 DEFAULT_RULES: dict[str, list[LayerRule]] = {
     "vit": [LayerRule("blocks.*.attn.qkv", split=3), LayerRule("blocks.*.attn.proj"),
             LayerRule("blocks.*.mlp.fc1"), LayerRule("blocks.*.mlp.fc2")],
@@ -122,18 +124,27 @@ class TaskParams:
 class TaskLayer(nn.Module):
     """A Conv2d or Linear with a frozen W, b and per-task slots (ParameterDicts) chosen by `self.task`."""
 
+    k: int
+    c_in: int
+    c_out: int
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    bias: nn.Parameter | None
+
     def __init__(self, layer: nn.Conv2d | nn.Linear, params: TaskParams, split: int = 1, sfg: bool = True):
         super().__init__()
         self.conv = isinstance(layer, nn.Conv2d)
-        if self.conv:
+        if isinstance(layer, nn.Conv2d):
             kh, kw = layer.kernel_size
             if params.rank and (kh != kw or layer.groups != 1):
                 raise ConfigError(f"RKR needs square, ungrouped kernels; got {tuple(layer.kernel_size)}, "
                                   f"groups {layer.groups}")
             if split != 1:
                 raise ConfigError("a layer rule's split applies to Linear layers only")
-            self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding, layer.dilation,
-                                                                     layer.groups)
+            self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
+            self.padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
             self.k, self.c_in, self.c_out = kh, layer.in_channels, layer.out_channels
         else:
             self.c_in, self.c_out = layer.in_features, layer.out_features
@@ -146,6 +157,9 @@ class TaskLayer(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.slots = nn.ModuleList()
         self.task = 0
+
+    def slot(self, t: int) -> nn.ParameterDict:
+        return typing.cast(nn.ParameterDict, self.slots[t])
 
     # ---------------------------------------------------------------- per-task parameters
     def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -197,13 +211,14 @@ class TaskLayer(nn.Module):
 
     def freeze(self, t: int) -> None:
         """Task t is learnt: keep its masks as bool (what they are at test time; 1 byte instead of 4 per entry)."""
-        slot = self.slots[t]
+        slot = self.slot(t)
         for name in [n for n in slot if n.endswith(MASK_SUFFIX)]:
             if slot[name].dtype != torch.bool:
                 slot[name] = nn.Parameter(slot[name].detach() > self.p.threshold, requires_grad=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for t, slot in enumerate(self.slots):  # a checkpoint holding frozen (bool) masks
+        for t in range(len(self.slots)):  # a checkpoint holding frozen (bool) masks
+            slot = self.slot(t)
             for name in [n for n in slot if n.endswith(MASK_SUFFIX)]:
                 stored = state_dict.get(f"{prefix}slots.{t}.{name}")
                 if stored is not None and stored.dtype == torch.bool and slot[name].dtype != torch.bool:
@@ -219,7 +234,7 @@ class TaskLayer(nn.Module):
         return r.transpose(1, 2).reshape(self.c_out, self.c_in)
 
     def rectification(self, t: int) -> torch.Tensor:
-        slot, base, thr = self.slots[t], self.slots[0], self.p.threshold
+        slot, base, thr = self.slot(t), self.slot(0), self.p.threshold
         if "r_score" in slot:
             return binarize(slot["r_score"], thr) * self.to_weight(torch.bmm(base["lm"], base["rm"]))
         lm = slot["lm"] if "lm" in slot else binarize(slot["lm_score"], thr) * base["lm"]
@@ -227,13 +242,14 @@ class TaskLayer(nn.Module):
         return self.to_weight(torch.bmm(lm, rm))
 
     def scale_factor(self, t: int) -> torch.Tensor:
-        slot = self.slots[t]
+        slot = self.slot(t)
         if "f" in slot:
             return slot["f"]
-        return binarize(slot["f_score"], self.p.threshold) * self.slots[0]["f"]
+        return binarize(slot["f_score"], self.p.threshold) * self.slot(0)["f"]
 
     def task_weight(self, t: int) -> torch.Tensor:
-        slot, w = self.slots[t], self.weight
+        slot = self.slot(t)
+        w: torch.Tensor = self.weight
         if "w_score" in slot:
             w = binarize(slot["w_score"], self.p.threshold) * w
         if self.p.rank:
@@ -272,6 +288,10 @@ class TaskBatchNorm(nn.Module):
         self.num_features = bn.num_features
         self.weight = None if bn.weight is None else nn.Parameter(bn.weight.detach().clone(), requires_grad=False)
         self.bias = None if bn.bias is None else nn.Parameter(bn.bias.detach().clone(), requires_grad=False)
+        if bn.running_mean is None or bn.running_var is None:
+            raise ConfigError("bn: parameter surgery needs BatchNorm layers that track running statistics")
+        self.running_mean: torch.Tensor
+        self.running_var: torch.Tensor
         self.register_buffer("running_mean", bn.running_mean.detach().clone())
         self.register_buffer("running_var", bn.running_var.detach().clone())
         self.stats = nn.ModuleList()
@@ -287,7 +307,7 @@ class TaskBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "task":
             s = self.stats[self.task]
-            mean, var = s.running_mean, s.running_var
+            mean, var = typing.cast(torch.Tensor, s.running_mean), typing.cast(torch.Tensor, s.running_var)
         else:
             mean, var = self.running_mean, self.running_var
         training = self.training and self.mode != "frozen"
@@ -328,7 +348,7 @@ def apply_surgery(model: nn.Module, rules: list[LayerRule], params: TaskParams, 
     return wrapped
 
 
-def task_modules(model: nn.Module) -> list[nn.Module]:
+def task_modules(model: nn.Module) -> list[TaskLayer | TaskBatchNorm]:
     return [m for m in model.modules() if isinstance(m, (TaskLayer, TaskBatchNorm))]
 
 
@@ -351,4 +371,4 @@ def freeze_task(model: nn.Module, task: int) -> None:
 def slot_parameters(model: nn.Module, task: int) -> list[nn.Parameter]:
     """The parameters task `task` learns in the wrapped layers."""
     return [p for m in model.modules() if isinstance(m, TaskLayer) and task < len(m.slots)
-            for p in m.slots[task].values()]
+            for p in m.slot(task).values()]

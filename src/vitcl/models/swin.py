@@ -9,6 +9,7 @@ detection code; a map no larger than the window gets one window and no shift, as
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,8 @@ class WindowAttention(nn.Module):
 
     def position_bias(self) -> torch.Tensor:
         N = self.window_size**2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        index = typing.cast(torch.Tensor, self.relative_position_index)
+        bias = self.relative_position_bias_table[index.view(-1)].view(N, N, -1)
         return bias.permute(2, 0, 1)  # (heads, N, N)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -101,7 +101,10 @@ class ImageFolderSource(Source):
         if self.num_classes:
             return self.num_classes
         folder = self.require(root)
-        kind, train, _ = self._layout(folder)
+        layout = self._layout(folder)
+        if layout is None:
+            raise DataError(f"{folder}: expected train/ and test/ class folders or split lists")
+        kind, train, _ = layout
         if kind == "folders":
             return len(_class_dirs(train))
         _, labels = self._read_list(train, folder, self.train_dirs)
