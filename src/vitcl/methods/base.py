@@ -20,13 +20,14 @@ from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OptimConfig
 from ..data.memory import Memory, make_budget, make_selector
 from ..registry import Registry
 
@@ -47,43 +48,39 @@ def register_method(name: str):
 
 @dataclass
 class Phase:
-    """One optimisation phase of a task: which data, how long, and the optimiser and schedule to use."""
+    """One optimisation phase of a task: which data, how long, in what batches, and the optimiser and schedule
+    (`optim`; `phase.lr`, `phase.schedule` ... read through to it)."""
 
     name: str
-    data: str  # "task+memory" | "task" | "memory" | "seen" (every seen task's full data: joint training)
+    data: Literal["task+memory", "task", "memory", "seen"]  # seen: every seen task's full data (joint training)
     epochs: int
-    lr: float
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: str = "cosine"  # cosine | multistep | constant
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-6
-    min_lr: float = 0.0
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
+    optim: OptimConfig
     batch_size: int = 128
     shuffle: bool = True
     drop_last: bool = False
     repeats: int = 1  # repeated augmentation: each index appears this many times per epoch
-    repeat_mode: str = "extend"  # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
-    grad_clip: float | None = None
+    # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
+    repeat_mode: Literal["extend", "deit"] = "extend"
     memory_batch: int = 0  # >0: draw this many memory rows alongside every batch, into batch.memory
+
+    def __getattr__(self, name: str) -> Any:
+        optim = self.__dict__.get("optim")
+        if optim is not None and name in _OPTIM_FIELDS:
+            return getattr(optim, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_train(cls, name: str, data: str, train: "TrainConfig", task_index: int, **changes: Any) -> "Phase":
-        """The phase the `train` section describes; the first task may have its own epochs and lr."""
+        """The phase the `train` section describes, with `changes` to it or its optimiser settings; the first
+        task may have its own epochs and lr."""
         epochs = train.first_task_epochs if task_index == 0 and train.first_task_epochs else train.epochs
         lr = train.first_task_lr if task_index == 0 and train.first_task_lr is not None else train.lr
-        if train.lr_scale_batch:
-            lr = lr * train.batch_size / train.lr_scale_batch
-        phase = cls(name=name, data=data, epochs=epochs, lr=lr, optimizer=train.optimizer,
-                    weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
-                    schedule=train.schedule, warmup_epochs=train.warmup_epochs, warmup_lr=train.warmup_lr,
-                    min_lr=train.min_lr, milestones=list(train.milestones), gamma=train.gamma,
-                    batch_size=train.batch_size, grad_clip=train.grad_clip)
-        return replace(phase, **changes)
+        optim = {k: changes.pop(k) for k in list(changes) if k in _OPTIM_FIELDS}
+        optim = replace(train.optim(), **{"lr": train.scaled_lr(lr), **optim})
+        return replace(cls(name=name, data=data, epochs=epochs, optim=optim, batch_size=train.batch_size), **changes)
+
+
+_OPTIM_FIELDS = frozenset(f.name for f in fields(OptimConfig))
 
 
 @dataclass

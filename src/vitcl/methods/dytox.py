@@ -138,10 +138,10 @@ class DyTox(Method):
         phases = [Phase.from_train("train", "task+memory", t, task.index, repeats=o.repeated_augmentation,
                                    repeat_mode=o.repeated_augmentation_mode)]
         if task.index > 0 and o.finetune_epochs > 0 and self.memory.enabled:
-            lr = o.finetune_lr * (t.batch_size / t.lr_scale_batch if t.lr_scale_batch else 1.0)
             stored = o.finetune_order == "stored_drop_last"
-            phases.append(Phase.from_train("finetune", "memory", t, task.index, epochs=o.finetune_epochs, lr=lr,
-                                           schedule="constant", warmup_epochs=0, shuffle=not stored,
+            phases.append(Phase.from_train("finetune", "memory", t, task.index, epochs=o.finetune_epochs,
+                                           lr=t.scaled_lr(o.finetune_lr), schedule="constant", warmup_epochs=0,
+                                           shuffle=not stored,
                                            drop_last=stored, repeats=o.finetune_repeated_augmentation,
                                            repeat_mode=o.repeated_augmentation_mode))
         return phases
