@@ -24,12 +24,12 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import OptimConfig
 from ..data.memory import Memory, make_budget, make_selector
 from ..registry import Registry
+from .losses import classification_loss
 
 if TYPE_CHECKING:
     from ..config import Config, TrainConfig
@@ -202,10 +202,3 @@ class Method:
 def true_class_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Softmax probability of each row's own label (labels index the logits' columns)."""
     return logits.float().softmax(dim=1).gather(1, labels.to(logits.device)[:, None]).squeeze(1)
-
-
-def classification_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Softmax cross-entropy over the seen classes, on soft targets when the batch was mixed."""
-    if batch.soft is not None:
-        return torch.sum(-batch.soft * F.log_softmax(logits, dim=1), dim=1).mean()
-    return F.cross_entropy(logits, batch.y)

@@ -40,6 +40,7 @@ from ..models import create_backbone
 from ..models.convit import ConViT
 from ..models.dytox import DyToxNet
 from .base import Batch, Method, MethodOptions, Phase, register_method
+from .losses import distillation, soft_cross_entropy
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -50,22 +51,12 @@ def dense_targets(batch: Batch, num_classes: int) -> torch.Tensor:
     return F.one_hot(batch.y, num_classes).to(torch.float32)
 
 
-def classification(logits: torch.Tensor, targets: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+def classification(logits: torch.Tensor, targets: torch.Tensor,
+                   kind: Literal["bce", "softmax"] = "bce") -> torch.Tensor:
     """bce: sigmoid + binary cross-entropy, mean over B x C (DyTox); softmax: soft-target cross-entropy."""
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
-    return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-
-
-def distillation(student_old: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0,
-                 reduction: str = "mean") -> torch.Tensor:
-    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)) over the old classes; `mean` divides the sum
-    by B x n_old (the published `F.kl_div(..., reduction='mean', log_target=True)`, an element-wise mean),
-    `batchmean` by B. Written out because torch announces that its 'mean' will become 'batchmean'."""
-    log_s = F.log_softmax(student_old.float() / tau, dim=1)
-    log_t = F.log_softmax(teacher.float() / tau, dim=1)
-    total = (log_t.exp() * (log_t - log_s)).sum()
-    return total / (log_s.numel() if reduction == "mean" else log_s.shape[0]) * tau**2
+    return soft_cross_entropy(logits, targets)
 
 
 def divergence_targets(batch: Batch, n_old: int, n_new: int) -> torch.Tensor:

@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import GrowingHead, create_backbone
-from .base import Batch, Method, MethodOptions, Phase, classification_loss, register_method, true_class_confidence
+from .base import Batch, Method, MethodOptions, Phase, register_method, true_class_confidence
+from .losses import classification_loss, soft_cross_entropy, stored_distillation, task_targets
 
 
 # --------------------------------------------------------------------------------------------- the pieces
@@ -122,18 +123,6 @@ def consolidation_loss(params: dict[str, torch.Tensor], anchor: dict[str, torch.
     if total is None:
         return torch.zeros(())
     return total
-
-
-def distillation_loss(logits: torch.Tensor, stored: torch.Tensor, width: torch.Tensor, T: float) -> torch.Tensor:
-    """T²·KL(softmax(z/T) ‖ softmax(logits/T)) per row over its first width[i] classes, averaged over rows."""
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    valid = cols[None, :] < width[:, None]
-    n = min(logits.shape[1], stored.shape[1])
-    a = logits[:, :n].float().masked_fill(~valid[:, :n], -1e9) / T  # finite fill: no NaN in the gradient
-    z = stored[:, :n].float().masked_fill(~valid[:, :n], -1e9) / T
-    log_p, log_q = F.log_softmax(z, dim=1), F.log_softmax(a, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).masked_fill(~valid[:, :n], 0.0).sum(1)
-    return kl.mean() * T * T
 
 
 # --------------------------------------------------------------------------------------------- the method
@@ -232,14 +221,8 @@ class LVT(Method):
 
     # ------------------------------------------------------------------ the loss
     def _injection_target(self, batch: Batch, task) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.opts.injection_classes == "task":
-            y = batch.y - task.offset
-            soft = batch.soft[:, task.offset:task.end] if batch.soft is not None else None
-        else:
-            y, soft = batch.y, batch.soft
-        if soft is not None:
-            soft = soft / soft.sum(1, keepdim=True).clamp(min=1e-12)
-        return y, soft
+        offset = task.offset if self.opts.injection_classes == "task" else 0
+        return task_targets(batch.y, batch.soft, offset, task.end)
 
     def loss(self, batch, phase, task):
         o, model = self.opts, self.model
@@ -253,8 +236,7 @@ class LVT(Method):
         if o.dual:
             y, soft = self._injection_target(batch, task)
             inj = model.injection(feats[:n])
-            l_inj = (torch.sum(-soft * F.log_softmax(inj, 1), 1).mean() if soft is not None
-                     else F.cross_entropy(inj, y))
+            l_inj = soft_cross_entropy(inj, soft) if soft is not None else F.cross_entropy(inj, y)
             total = l_inj + self.r(task.index) * l_acc
             logs["inject"] = l_inj.item()
         else:
@@ -264,7 +246,7 @@ class LVT(Method):
             a_mem = acc[n:]
             l_rep = classification_loss(a_mem, mem)
             z, width = self.stored_logits(mem.index)
-            l_dis = distillation_loss(a_mem, z, width, o.temperature)
+            l_dis = stored_distillation(a_mem, z, width, o.temperature)
             total = total + o.alpha * l_rep + o.beta * l_dis
             logs["replay"], logs["distill"] = l_rep.item(), l_dis.item()
         if self.anchor is not None and o.gamma > 0:

@@ -18,6 +18,7 @@ from ..models.surgery import add_task as add_task_slots
 from ..models.surgery import freeze_task, slot_parameters
 from ..models.timm_backbone import timm_family
 from .base import Batch, Method, MethodOptions, ParamCount, Phase
+from .losses import soft_cross_entropy, task_targets
 
 
 @dataclass
@@ -103,11 +104,9 @@ class TaskILMethod(Method):
     def loss(self, batch: Batch, phase: Phase, task) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy over the task's own classes (task-IL)."""
         logits = self.logits(batch.x, task.index)
-        if batch.soft is not None:
-            soft = batch.soft[:, task.offset: task.end]
-            soft = soft / soft.sum(1, keepdim=True).clamp_min(1e-12)
-            return torch.sum(-soft * F.log_softmax(logits, dim=1), dim=1).mean(), {}
-        target = batch.y - task.offset
+        target, soft = task_targets(batch.y, batch.soft, task.offset, task.end)
+        if soft is not None:
+            return soft_cross_entropy(logits, soft), {}
         return F.cross_entropy(logits, target, label_smoothing=self.cfg.data.augment.label_smoothing), {}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
