@@ -149,16 +149,26 @@ class Method:
         raise NotImplementedError
 
     def update_memory(self, task: "Task", ctx) -> None:
-        """Add the task's exemplars; `ctx.extract(indices, fn)` runs fn on test-transformed images (no grad)."""
+        """Add the task's exemplars, selected on what the selector needs (embeddings, or the scores of
+        `candidate_outputs`), with the per-row extras that `candidate_outputs` gives."""
         if not self.memory.enabled:
             return
         labels = self.scenario.train_labels[task.train_idx]
-        feats = None
-        if self.memory.selector.needs == "embedding":
+        needs = self.memory.selector.needs
+        feats, extras = self.candidate_outputs(task, ctx, labels, scores=needs == "scores")
+        if needs == "embedding":
             feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
-        elif self.memory.selector.needs == "scores":
-            feats = true_class_confidence(ctx.extract(task.train_idx, self.logits), labels)
-        self.memory.add(task.train_idx, labels, feats, self.seen)
+        self.memory.add(task.train_idx, labels, feats, self.seen, extras=extras)
+
+    def candidate_outputs(self, task: "Task", ctx, labels: torch.Tensor,
+                          scores: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """For the task's candidates (task.train_idx, labels): their selection scores when `scores` (higher is
+        kept first; here the softmax probability of the own label) and the tensors to store with each exemplar
+        (`memory.lookup` returns them by row; here none). One hook, so that both can come from one extraction;
+        `ctx.extract(indices, fn)` runs fn on test-transformed images (no grad)."""
+        if not scores:
+            return None, {}
+        return true_class_confidence(ctx.extract(task.train_idx, self.logits), labels), {}
 
     def consolidate(self, task: "Task", ctx) -> None:
         """After the task's phases and memory update: estimate what to protect for later tasks."""

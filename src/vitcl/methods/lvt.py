@@ -186,7 +186,6 @@ class LVT(Method):
                               f"got '{cfg.model.name}'")
         self.importance: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
-        self._lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
         return LVTModel(create_backbone(self.cfg.model, self.scenario.train.image_size,
@@ -245,7 +244,8 @@ class LVT(Method):
         if mem is not None:
             a_mem = acc[n:]
             l_rep = classification_loss(a_mem, mem)
-            z, width = self.stored_logits(mem.index)
+            z = self.memory.lookup("logits", mem.index, self.device)
+            width = self.memory.lookup("width", mem.index, self.device)
             l_dis = stored_distillation(a_mem, z, width, o.temperature)
             total = total + o.alpha * l_rep + o.beta * l_dis
             logs["replay"], logs["distill"] = l_rep.item(), l_dis.item()
@@ -257,21 +257,6 @@ class LVT(Method):
         return total, logs
 
     # ------------------------------------------------------------------ memory
-    def stored_logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits (padded to all classes) and their valid width stored with the memory rows `rows`."""
-        if self._lookup is None:
-            idx = self.memory.indices()
-            pos = torch.full((len(self.scenario.train_labels),), -1, dtype=torch.long)
-            pos[idx] = torch.arange(len(idx))
-            self._lookup = (pos, self.memory.extra("logits").to(self.device),
-                            self.memory.extra("width").to(self.device))
-        pos, z, width = self._lookup
-        p = pos[rows.cpu()]
-        if (p < 0).any():
-            raise RuntimeError("LVT: a memory batch holds rows that the memory does not store")
-        p = p.to(self.device)
-        return z[p], width[p]
-
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         f = self.model.backbone(x)
         parts = [self.model.accumulation(f)]
@@ -279,30 +264,23 @@ class LVT(Method):
             parts.append(self.model.injection(f))
         return torch.cat(parts, 1)
 
-    def update_memory(self, task, ctx):
+    def candidate_outputs(self, task, ctx, labels, scores):
         """Class-balanced memory; the selector (confidence by default) ranks the task's samples; every exemplar
-        keeps h_A's logits over the classes seen so far."""
-        if not self.memory.enabled:
-            return
+        keeps h_A's logits over the classes seen so far (padded to all classes) and that width."""
         o = self.opts
-        labels = self.scenario.train_labels[task.train_idx]
         out = ctx.extract(task.train_idx, self._heads)
         acc, inj = out[:, :self.seen], out[:, self.seen:]
-        needs = self.memory.selector.needs
         feats = None
-        if needs == "scores":
+        if scores:
             if o.dual and o.confidence_head == "injection":
                 local = labels - task.offset if o.injection_classes == "task" else labels
                 feats = true_class_confidence(inj, local)
             else:
                 feats = true_class_confidence(acc, labels)
-        elif needs == "embedding":
-            feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
         z = acc.new_zeros(len(acc), self.scenario.num_classes)
         z[:, :self.seen] = acc
         width = torch.full((len(acc),), self.seen, dtype=torch.long)
-        self.memory.add(task.train_idx, labels, feats, self.seen, extras={"logits": z, "width": width})
-        self._lookup = None
+        return feats, {"logits": z, "width": width}
 
     # ------------------------------------------------------------------ consolidation
     def consolidate(self, task, ctx):
@@ -342,7 +320,6 @@ class LVT(Method):
                 "anchor": {k: v.cpu() for k, v in self.anchor.items()}}
 
     def load_extra_state(self, state):
-        self._lookup = None
         if state.get("anchor") is None:
             self.importance = self.anchor = None
             return
