@@ -6,7 +6,8 @@ Lifecycle per task t (the engine calls, in order):
     for phase in phases(task):
         [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
         setup_phase(phase, task)    freeze / unfreeze, train / eval modes
-        loss(batch, phase, task)    per batch -> (scalar loss, {name: float} to log)
+        loss(batch, phase, task)    per batch -> (scalar loss, {name: tensor} to log; the engine decides when to
+                                    read them, as each read is a host-device sync)
     consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
     end_task(task)
 Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for task-conditioned methods.
@@ -21,7 +22,8 @@ from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+import typing
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -102,18 +104,36 @@ class ParamCount:
 
 @dataclass
 class MethodOptions:
-    name: str = ""
+    name: str = ""  # the registered method; the config sets it, Method fills it in when empty
 
 
-class Method:
-    name: ClassVar[str] = ""
+O = TypeVar("O", bound=MethodOptions)
+
+
+class Method(Generic[O]):
+    """`class M(Method[MOptions])` declares M's options: `M.Options`, the dataclass the config builder validates
+    the method section with (inherited, or set explicitly, otherwise), and the type of `self.opts`."""
+
+    name: ClassVar[str] = ""  # set by @register_method
     Options: ClassVar[type] = MethodOptions
     settings: ClassVar[frozenset[str]] = frozenset({"class-il", "task-il"})
     task_conditioned: ClassVar[bool] = False  # True: inference needs the task id (task-IL only)
     uses_memory: ClassVar[bool] = False
+    opts: O
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Options" in vars(cls):
+            return
+        for base in vars(cls).get("__orig_bases__", ()):
+            for arg in typing.get_args(base):
+                if isinstance(arg, type) and issubclass(arg, MethodOptions):
+                    cls.Options = arg
 
     def __init__(self, cfg: "Config", scenario: "Scenario", device: torch.device):
         self.cfg, self.opts, self.scenario, self.device = cfg, cfg.method, scenario, device
+        if not self.opts.name:
+            self.opts.name = self.name
         self.seen = 0  # classes seen so far, after begin_task
         self.task_index = -1
         self.model: nn.Module = self.build_model().to(device)
@@ -136,7 +156,7 @@ class Method:
             p.requires_grad_(True)
         self.model.train()
 
-    def loss(self, batch: Batch, phase: Phase, task: "Task") -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, phase: Phase, task: "Task") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.logits(batch.x)
         loss = classification_loss(logits, batch)
         return loss, {}

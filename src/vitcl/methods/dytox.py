@@ -71,7 +71,6 @@ def divergence_targets(batch: Batch, n_old: int, n_new: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- the method
 @dataclass
 class DyToxOptions(MethodOptions):
-    name: str = "dytox"
     classification: Literal["bce", "softmax"] = "bce"  # softmax: what DyTox+ used before 2022-05 (methods.md 1.3)
     divergence_weight: float = 0.1  # head_div; 0 removes the divergence head
     distillation: bool = True  # auto_kd
@@ -98,8 +97,7 @@ class DyToxOptions(MethodOptions):
 
 
 @register_method("dytox")
-class DyTox(Method):
-    Options = DyToxOptions
+class DyTox(Method[DyToxOptions]):
     uses_memory = True
     network: ClassVar[type] = DyToxNet  # built around the ConViT backbone (LPA's baseline: a single-token net)
 
@@ -159,7 +157,7 @@ class DyTox(Method):
         emb = m.forward_features(batch.x)
         logits = m.forward_head(emb)
         cls = classification(logits, dense_targets(batch, logits.shape[1]), o.classification)
-        loss, logs = cls, {"cls": float(cls.detach())}
+        loss, logs = cls, {"cls": cls.detach()}
         if phase.name != "train" and not o.finetune_distillation:
             return loss, logs
         n_old = task.offset
@@ -172,13 +170,13 @@ class DyTox(Method):
                 s, t = (logits, old) if rows is None else (logits[rows], old[rows])
                 kd = distillation(s[:, :n_old], t, o.distillation_tau, o.kd_reduction)
                 loss = (1 - lam) * cls + lam * kd
-                logs["kd"] = float(kd.detach())
+                logs["kd"] = kd.detach()
             # kd_samples=memory and no old sample in the batch: the classification loss alone, unweighted (LPA)
         if phase.name == "train" and m.head_div is not None and o.divergence_weight > 0:
             div_logits = m.forward_div(emb)
             div = classification(div_logits, divergence_targets(batch, n_old, task.num_classes), o.classification)
             loss = loss + o.divergence_weight * div
-            logs["div"] = float(div.detach())
+            logs["div"] = div.detach()
         return loss, logs
 
     def logits(self, x, task=None):
@@ -200,16 +198,9 @@ class DyTox(Method):
         return self.model.inference_modules()
 
 
-@dataclass
-class DyToxPlusOptions(DyToxOptions):
-    name: str = "dytox-plus"
-
-
 @register_method("dytox-plus")
 class DyToxPlus(DyTox):
     """DyTox+: DyTox trained on MixUp batches (alpha 0.8, label smoothing 0.1, set in data.augment)."""
-
-    Options = DyToxPlusOptions
 
     def __init__(self, cfg, scenario, device):
         a = cfg.data.augment

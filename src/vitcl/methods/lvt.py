@@ -108,7 +108,8 @@ def estimate_importance(params: dict[str, torch.Tensor], batches: Iterable, loss
 
 
 def consolidation_loss(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-                       importance: dict[str, torch.Tensor], form: str = "quadratic") -> torch.Tensor:
+                       importance: dict[str, torch.Tensor],
+                       form: Literal["quadratic", "abs-inner"] = "quadratic") -> torch.Tensor:
     """L_a: quadratic Σ Ω·(θ − θ*)², or abs-inner Σ_tensors |⟨Ω, θ − θ*⟩| (Ω then is the mean gradient)."""
     total = None
     for name, p in params.items():
@@ -139,7 +140,6 @@ class LVTModel(nn.Module):
 
 @dataclass
 class LVTMethodOptions(MethodOptions):
-    name: str = "lvt"
     alpha: float = 2.0  # L_replay: CE of h_A on the memory batch (weights: the unofficial scripts/cifar.sh)
     beta: float = 2.0  # L_distill: KD of h_A towards the stored logits
     gamma: float = 2.0  # L_a: attention consolidation
@@ -172,9 +172,8 @@ class LVTMethodOptions(MethodOptions):
 
 
 @register_method("lvt")
-class LVT(Method):
+class LVT(Method[LVTMethodOptions]):
     __doc__ = __doc__
-    Options = LVTMethodOptions
     uses_memory = True
 
     def __init__(self, cfg, scenario, device):
@@ -237,10 +236,10 @@ class LVT(Method):
             inj = model.injection(feats[:n])
             l_inj = soft_cross_entropy(inj, soft) if soft is not None else F.cross_entropy(inj, y)
             total = l_inj + self.r(task.index) * l_acc
-            logs["inject"] = l_inj.item()
+            logs["inject"] = l_inj.detach()
         else:
             total = l_acc
-        logs["accumulate"] = l_acc.item()
+        logs["accumulate"] = l_acc.detach()
         if mem is not None:
             a_mem = acc[n:]
             l_rep = classification_loss(a_mem, mem)
@@ -248,12 +247,12 @@ class LVT(Method):
             width = self.memory.lookup("width", mem.index, self.device)
             l_dis = stored_distillation(a_mem, z, width, o.temperature)
             total = total + o.alpha * l_rep + o.beta * l_dis
-            logs["replay"], logs["distill"] = l_rep.item(), l_dis.item()
+            logs["replay"], logs["distill"] = l_rep.detach(), l_dis.detach()
         if self.anchor is not None and o.gamma > 0:
             l_a = consolidation_loss(model.backbone.consolidated_parameters(), self.anchor, self.importance,
                                      o.consolidation)
             total = total + o.gamma * l_a
-            logs["attention"] = l_a.item()
+            logs["attention"] = l_a.detach()
         return total, logs
 
     # ------------------------------------------------------------------ memory
