@@ -22,8 +22,7 @@ from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-import typing
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 import torch
 from torch import nn
@@ -126,7 +125,7 @@ class Method(Generic[O]):
         if "Options" in vars(cls):
             return
         for base in vars(cls).get("__orig_bases__", ()):
-            for arg in typing.get_args(base):
+            for arg in get_args(base):
                 if isinstance(arg, type) and issubclass(arg, MethodOptions):
                     cls.Options = arg
 
