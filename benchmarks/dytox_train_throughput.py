@@ -36,7 +36,7 @@ def step_times(mode: str, n_tasks: int, steps: int, batch: int) -> tuple[list[fl
     task = scenario[n_tasks - 1]
     phase = method.phases(task)[0]
     method.setup_phase(phase, task)
-    opt = build_optimizer([(n, p) for n, p in method.model.named_parameters() if p.requires_grad], phase)
+    opt = build_optimizer([(n, p) for n, p in method.model.named_parameters() if p.requires_grad], phase.optim)
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, task.end, (batch,), generator=g)
     b = Batch(x=torch.randn(batch, 3, 32, 32, generator=g), y=y, task=scenario.task_of_label[y],

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from vitcl.runconfig import load_config
 from vitcl.data.memory import FixedTotal, Memory, make_selector
-from vitcl.methods.lvt import consolidation_loss, distillation_loss, estimate_importance
+from vitcl.methods.losses import stored_distillation as distillation_loss
+from vitcl.methods.lvt import consolidation_loss, estimate_importance
 from vitcl.models.lvt import InterTaskAttention, LVTNet
 
 

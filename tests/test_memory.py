@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +77,21 @@ def test_memory_state_round_trip():
     other = Memory(FixedTotal(4), RandomSelector(0))
     other.load_state_dict(mem.state_dict())
     assert torch.equal(other.indices(), mem.indices())
+
+
+def test_lookup_finds_extras_by_row_and_follows_changes():
+    mem = Memory(FixedTotal(6), RandomSelector(seed=0))
+    cand = torch.arange(100, 112)
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    logits = cand.float()[:, None].repeat(1, 2)  # each row's extra is its own row number
+    mem.add(cand, labels, None, n_seen=2, extras={"logits": logits})
+    rows = mem.indices().flip(0)
+    assert torch.equal(mem.lookup("logits", rows)[:, 0].long(), rows)
+    mem.add(torch.arange(200, 206), torch.tensor([2] * 6), None, n_seen=3,
+            extras={"logits": torch.arange(200, 206).float()[:, None].repeat(1, 2)})  # 2 per class now
+    rows = mem.indices()
+    assert len(rows) == 6 and torch.equal(mem.lookup("logits", rows)[:, 0].long(), rows)
+    dropped = next(r for r in cand.tolist() if r not in rows.tolist())
+    for missing in (dropped, 999):
+        with pytest.raises(KeyError):
+            mem.lookup("logits", torch.tensor([missing]))

@@ -70,14 +70,11 @@ class MemoryConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 10
-    first_task_epochs: int | None = None
-    batch_size: int = 128  # global batch, split across ranks
+class OptimConfig:
+    """The optimiser and its per-epoch lr schedule: what a training phase optimises with (`train` extends it)."""
+
     optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
     lr: float = 5e-4
-    first_task_lr: float | None = None
-    lr_scale_batch: int | None = None  # linear scaling rule: lr * batch_size / lr_scale_batch
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.05
@@ -88,10 +85,30 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     grad_clip: float | None = None
+
+    def optim(self) -> "OptimConfig":
+        """These settings alone (a copy), without what a subclass adds."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimConfig)}
+        return OptimConfig(**{**values, "milestones": list(self.milestones)})
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    epochs: int = 10
+    first_task_epochs: int | None = None
+    batch_size: int = 128  # global batch, split across ranks
+    first_task_lr: float | None = None
+    lr_scale_batch: int | None = None  # linear scaling rule: lr * batch_size / lr_scale_batch
     grad_accum: int = 1
     eval_every: int = 0  # epochs between periodic evaluations; 0: only at the end of each task
     checkpoint_every: int = 1  # epochs between resume checkpoints
     max_batches: int | None = None  # cap on batches per epoch (smoke runs)
+
+    def scaled_lr(self, lr: float) -> float:
+        """lr under the linear scaling rule (every lr a method trains with is given for lr_scale_batch)."""
+        if self.lr_scale_batch:
+            return lr * self.batch_size / self.lr_scale_batch
+        return lr
 
 
 @dataclass

@@ -145,13 +145,16 @@ def make_selector(name: str, seed: int = 0) -> Selector:
 
 # --------------------------------------------------------------------------------------------- memory
 class Memory:
-    """Exemplar indices per class (ordered best first) plus optional per-exemplar tensors (`extras`)."""
+    """Exemplar indices per class (ordered best first) plus optional per-exemplar tensors (`extras`: a method's
+    stored logits and the like), which `lookup` finds again by train-set row."""
 
     def __init__(self, budget, selector: Selector):
         self.budget = budget
         self.selector = selector
         self.exemplars: dict[int, torch.Tensor] = {}
         self.extras: dict[str, dict[int, torch.Tensor]] = {}
+        self._positions: torch.Tensor | None = None  # train-set row -> position in indices(), -1 if not stored
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}  # extra(name) moved to a device
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.exemplars.values())
@@ -169,7 +172,29 @@ class Memory:
         """The stored tensors `name`, row-aligned with indices()."""
         return torch.cat([self.extras[name][c] for c in sorted(self.exemplars)])
 
+    def lookup(self, name: str, rows: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """The extras `name` of the train-set rows `rows` (all stored in the memory), in their order, on `device`
+        (default: the CPU). The row map and the device copy are built once per memory content, since a memory
+        batch looks them up every step."""
+        if self._positions is None:
+            idx = self.indices()
+            pos = torch.full((int(idx.max()) + 1 if len(idx) else 0,), -1, dtype=torch.long)
+            pos[idx] = torch.arange(len(idx))
+            self._positions = pos
+        pos, rows = self._positions, rows.cpu()
+        if bool((rows >= len(pos)).any()) or bool((pos[rows] < 0).any()):
+            raise KeyError(f"memory extras '{name}': asked for rows that the memory does not store")
+        key = (name, str(torch.device(device or "cpu")))
+        if key not in self._on_device:
+            self._on_device[key] = self.extra(name).to(key[1])
+        values = self._on_device[key]
+        return values[pos[rows].to(values.device)]
+
+    def _changed(self) -> None:
+        self._positions, self._on_device = None, {}
+
     def shrink(self, m: int) -> None:
+        self._changed()
         for c in self.exemplars:
             self.exemplars[c] = self.exemplars[c][:m]
             for store in self.extras.values():
@@ -187,10 +212,12 @@ class Memory:
             self.exemplars[c] = candidates[rows].clone()
             for name, values in (extras or {}).items():
                 self.extras.setdefault(name, {})[c] = values[rows.to(values.device)].detach().cpu().clone()
+        self._changed()
 
     def state_dict(self) -> dict:
         return {"exemplars": dict(self.exemplars), "extras": {k: dict(v) for k, v in self.extras.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self._changed()
         self.exemplars = dict(state["exemplars"])
         self.extras = {k: dict(v) for k, v in state["extras"].items()}

@@ -5,36 +5,37 @@ import math
 
 import torch
 
-from ..methods.base import Phase
+from ..config import OptimConfig
 
 
-def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], phase: Phase) -> torch.optim.Optimizer:
+def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
-    groups = [{"params": decay, "weight_decay": phase.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if phase.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.nesterov)
-    if phase.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=phase.lr)
-    if phase.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=phase.lr, eps=1e-8)
-    raise ValueError(f"unknown optimizer {phase.optimizer!r}")
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, eps=1e-8)
+    raise ValueError(f"unknown optimizer {optim.optimizer!r}")
 
 
-def lr_at(phase: Phase, epoch: int) -> float:
-    """The learning rate of a 0-based epoch (timm's per-epoch stepping: warmup linear, then the schedule)."""
-    if epoch < phase.warmup_epochs:
-        return phase.warmup_lr + (phase.lr - phase.warmup_lr) * epoch / phase.warmup_epochs
-    if phase.schedule == "constant":
-        return phase.lr
-    if phase.schedule == "multistep":
-        return phase.lr * phase.gamma ** sum(epoch >= m for m in phase.milestones)
-    if phase.schedule == "cosine":
-        t = epoch - phase.warmup_epochs
-        span = max(phase.epochs - phase.warmup_epochs, 1)
-        return phase.min_lr + 0.5 * (phase.lr - phase.min_lr) * (1 + math.cos(math.pi * t / span))
-    raise ValueError(f"unknown schedule {phase.schedule!r}")
+def lr_at(optim: OptimConfig, epochs: int, epoch: int) -> float:
+    """The learning rate of a 0-based epoch of `epochs` (timm's per-epoch stepping: warmup linear, then the
+    schedule)."""
+    if epoch < optim.warmup_epochs:
+        return optim.warmup_lr + (optim.lr - optim.warmup_lr) * epoch / optim.warmup_epochs
+    if optim.schedule == "constant":
+        return optim.lr
+    if optim.schedule == "multistep":
+        return optim.lr * optim.gamma ** sum(epoch >= m for m in optim.milestones)
+    if optim.schedule == "cosine":
+        t = epoch - optim.warmup_epochs
+        span = max(epochs - optim.warmup_epochs, 1)
+        return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * t / span))
+    raise ValueError(f"unknown schedule {optim.schedule!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

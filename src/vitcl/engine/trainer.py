@@ -218,7 +218,7 @@ class Trainer:
         s, cfg = self.state, self.cfg
         self.method.setup_phase(phase, task)
         named = [(n, q) for n, q in self.method.model.named_parameters() if q.requires_grad]
-        optimizer = build_optimizer(named, phase)
+        optimizer = build_optimizer(named, phase.optim)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         params = [q for _, q in named]
@@ -233,7 +233,7 @@ class Trainer:
         self.progress.start_phase(label, n_batches * max(phase.epochs - s.epoch, 0))
         for epoch in range(s.epoch, phase.epochs):
             torch.manual_seed(stable_seed(cfg.run.seed, task.index, p, epoch, self.rank))
-            set_lr(optimizer, lr_at(phase, epoch))
+            set_lr(optimizer, lr_at(phase.optim, phase.epochs, epoch))
             self.progress.start_epoch()
             loss = self.train_epoch(task, p, phase, epoch, indices, optimizer, params, label)
             s.epoch = epoch + 1
@@ -248,7 +248,8 @@ class Trainer:
                                    "class_il": res["class_il"], "task_il": res["task_il"]})
                 self.log_metrics({"kind": "periodic", "task": task.index, "phase": phase.name, "epoch": s.epoch,
                                   "loss": loss, **res})
-            self.progress.end_epoch(f"epoch {s.epoch}/{phase.epochs} · lr {lr_at(phase, epoch):.2e}", extra)
+            self.progress.end_epoch(f"epoch {s.epoch}/{phase.epochs} · "
+                                    f"lr {lr_at(phase.optim, phase.epochs, epoch):.2e}", extra)
             if s.epoch % cfg.train.checkpoint_every == 0 or s.epoch == phase.epochs:
                 self.save_checkpoint(optimizer=optimizer)
 

@@ -6,7 +6,8 @@ Lifecycle per task t (the engine calls, in order):
     for phase in phases(task):
         [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
         setup_phase(phase, task)    freeze / unfreeze, train / eval modes
-        loss(batch, phase, task)    per batch -> (scalar loss, {name: float} to log)
+        loss(batch, phase, task)    per batch -> (scalar loss, {name: tensor} to log; the engine decides when to
+                                    read them, as each read is a host-device sync)
     consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
     end_task(task)
 Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for task-conditioned methods.
@@ -20,15 +21,16 @@ from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..config import OptimConfig
 from ..data.memory import Memory, make_budget, make_selector
 from ..registry import Registry
+from .losses import classification_loss
 
 if TYPE_CHECKING:
     from ..config import Config, TrainConfig
@@ -47,43 +49,39 @@ def register_method(name: str):
 
 @dataclass
 class Phase:
-    """One optimisation phase of a task: which data, how long, and the optimiser and schedule to use."""
+    """One optimisation phase of a task: which data, how long, in what batches, and the optimiser and schedule
+    (`optim`; `phase.lr`, `phase.schedule` ... read through to it)."""
 
     name: str
-    data: str  # "task+memory" | "task" | "memory" | "seen" (every seen task's full data: joint training)
+    data: Literal["task+memory", "task", "memory", "seen"]  # seen: every seen task's full data (joint training)
     epochs: int
-    lr: float
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: str = "cosine"  # cosine | multistep | constant
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-6
-    min_lr: float = 0.0
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
+    optim: OptimConfig
     batch_size: int = 128
     shuffle: bool = True
     drop_last: bool = False
     repeats: int = 1  # repeated augmentation: each index appears this many times per epoch
-    repeat_mode: str = "extend"  # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
-    grad_clip: float | None = None
+    # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
+    repeat_mode: Literal["extend", "deit"] = "extend"
     memory_batch: int = 0  # >0: draw this many memory rows alongside every batch, into batch.memory
+
+    def __getattr__(self, name: str) -> Any:
+        optim = self.__dict__.get("optim")
+        if optim is not None and name in _OPTIM_FIELDS:
+            return getattr(optim, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_train(cls, name: str, data: str, train: "TrainConfig", task_index: int, **changes: Any) -> "Phase":
-        """The phase the `train` section describes; the first task may have its own epochs and lr."""
+        """The phase the `train` section describes, with `changes` to it or its optimiser settings; the first
+        task may have its own epochs and lr."""
         epochs = train.first_task_epochs if task_index == 0 and train.first_task_epochs else train.epochs
         lr = train.first_task_lr if task_index == 0 and train.first_task_lr is not None else train.lr
-        if train.lr_scale_batch:
-            lr = lr * train.batch_size / train.lr_scale_batch
-        phase = cls(name=name, data=data, epochs=epochs, lr=lr, optimizer=train.optimizer,
-                    weight_decay=train.weight_decay, momentum=train.momentum, nesterov=train.nesterov,
-                    schedule=train.schedule, warmup_epochs=train.warmup_epochs, warmup_lr=train.warmup_lr,
-                    min_lr=train.min_lr, milestones=list(train.milestones), gamma=train.gamma,
-                    batch_size=train.batch_size, grad_clip=train.grad_clip)
-        return replace(phase, **changes)
+        optim = {k: changes.pop(k) for k in list(changes) if k in _OPTIM_FIELDS}
+        optim = replace(train.optim(), **{"lr": train.scaled_lr(lr), **optim})
+        return replace(cls(name=name, data=data, epochs=epochs, optim=optim, batch_size=train.batch_size), **changes)
+
+
+_OPTIM_FIELDS = frozenset(f.name for f in fields(OptimConfig))
 
 
 @dataclass
@@ -105,18 +103,36 @@ class ParamCount:
 
 @dataclass
 class MethodOptions:
-    name: str = ""
+    name: str = ""  # the registered method; the config sets it, Method fills it in when empty
 
 
-class Method:
-    name: ClassVar[str] = ""
+O = TypeVar("O", bound=MethodOptions)
+
+
+class Method(Generic[O]):
+    """`class M(Method[MOptions])` declares M's options: `M.Options`, the dataclass the config builder validates
+    the method section with (inherited, or set explicitly, otherwise), and the type of `self.opts`."""
+
+    name: ClassVar[str] = ""  # set by @register_method
     Options: ClassVar[type] = MethodOptions
     settings: ClassVar[frozenset[str]] = frozenset({"class-il", "task-il"})
     task_conditioned: ClassVar[bool] = False  # True: inference needs the task id (task-IL only)
     uses_memory: ClassVar[bool] = False
+    opts: O
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Options" in vars(cls):
+            return
+        for base in vars(cls).get("__orig_bases__", ()):
+            for arg in get_args(base):
+                if isinstance(arg, type) and issubclass(arg, MethodOptions):
+                    cls.Options = arg
 
     def __init__(self, cfg: "Config", scenario: "Scenario", device: torch.device):
         self.cfg, self.opts, self.scenario, self.device = cfg, cfg.method, scenario, device
+        if not self.opts.name:
+            self.opts.name = self.name
         self.seen = 0  # classes seen so far, after begin_task
         self.task_index = -1
         self.model: nn.Module = self.build_model().to(device)
@@ -139,7 +155,7 @@ class Method:
             p.requires_grad_(True)
         self.model.train()
 
-    def loss(self, batch: Batch, phase: Phase, task: "Task") -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, phase: Phase, task: "Task") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.logits(batch.x)
         loss = classification_loss(logits, batch)
         return loss, {}
@@ -152,16 +168,26 @@ class Method:
         raise NotImplementedError
 
     def update_memory(self, task: "Task", ctx) -> None:
-        """Add the task's exemplars; `ctx.extract(indices, fn)` runs fn on test-transformed images (no grad)."""
+        """Add the task's exemplars, selected on what the selector needs (embeddings, or the scores of
+        `candidate_outputs`), with the per-row extras that `candidate_outputs` gives."""
         if not self.memory.enabled:
             return
         labels = self.scenario.train_labels[task.train_idx]
-        feats = None
-        if self.memory.selector.needs == "embedding":
+        needs = self.memory.selector.needs
+        feats, extras = self.candidate_outputs(task, ctx, labels, scores=needs == "scores")
+        if needs == "embedding":
             feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
-        elif self.memory.selector.needs == "scores":
-            feats = true_class_confidence(ctx.extract(task.train_idx, self.logits), labels)
-        self.memory.add(task.train_idx, labels, feats, self.seen)
+        self.memory.add(task.train_idx, labels, feats, self.seen, extras=extras)
+
+    def candidate_outputs(self, task: "Task", ctx, labels: torch.Tensor,
+                          scores: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """For the task's candidates (task.train_idx, labels): their selection scores when `scores` (higher is
+        kept first; here the softmax probability of the own label) and the tensors to store with each exemplar
+        (`memory.lookup` returns them by row; here none). One hook, so that both can come from one extraction;
+        `ctx.extract(indices, fn)` runs fn on test-transformed images (no grad)."""
+        if not scores:
+            return None, {}
+        return true_class_confidence(ctx.extract(task.train_idx, self.logits), labels), {}
 
     def consolidate(self, task: "Task", ctx) -> None:
         """After the task's phases and memory update: estimate what to protect for later tasks."""
@@ -205,10 +231,3 @@ class Method:
 def true_class_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Softmax probability of each row's own label (labels index the logits' columns)."""
     return logits.float().softmax(dim=1).gather(1, labels.to(logits.device)[:, None]).squeeze(1)
-
-
-def classification_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Softmax cross-entropy over the seen classes, on soft targets when the batch was mixed."""
-    if batch.soft is not None:
-        return torch.sum(-batch.soft * F.log_softmax(logits, dim=1), dim=1).mean()
-    return F.cross_entropy(logits, batch.y)

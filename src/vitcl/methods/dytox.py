@@ -40,6 +40,7 @@ from ..models import create_backbone
 from ..models.convit import ConViT
 from ..models.dytox import DyToxNet
 from .base import Batch, Method, MethodOptions, Phase, register_method
+from .losses import distillation, soft_cross_entropy
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -50,22 +51,12 @@ def dense_targets(batch: Batch, num_classes: int) -> torch.Tensor:
     return F.one_hot(batch.y, num_classes).to(torch.float32)
 
 
-def classification(logits: torch.Tensor, targets: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+def classification(logits: torch.Tensor, targets: torch.Tensor,
+                   kind: Literal["bce", "softmax"] = "bce") -> torch.Tensor:
     """bce: sigmoid + binary cross-entropy, mean over B x C (DyTox); softmax: soft-target cross-entropy."""
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
-    return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-
-
-def distillation(student_old: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0,
-                 reduction: str = "mean") -> torch.Tensor:
-    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)) over the old classes; `mean` divides the sum
-    by B x n_old (the published `F.kl_div(..., reduction='mean', log_target=True)`, an element-wise mean),
-    `batchmean` by B. Written out because torch announces that its 'mean' will become 'batchmean'."""
-    log_s = F.log_softmax(student_old.float() / tau, dim=1)
-    log_t = F.log_softmax(teacher.float() / tau, dim=1)
-    total = (log_t.exp() * (log_t - log_s)).sum()
-    return total / (log_s.numel() if reduction == "mean" else log_s.shape[0]) * tau**2
+    return soft_cross_entropy(logits, targets)
 
 
 def divergence_targets(batch: Batch, n_old: int, n_new: int) -> torch.Tensor:
@@ -80,7 +71,6 @@ def divergence_targets(batch: Batch, n_old: int, n_new: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- the method
 @dataclass
 class DyToxOptions(MethodOptions):
-    name: str = "dytox"
     classification: Literal["bce", "softmax"] = "bce"  # softmax: what DyTox+ used before 2022-05 (methods.md 1.3)
     divergence_weight: float = 0.1  # head_div; 0 removes the divergence head
     distillation: bool = True  # auto_kd
@@ -107,8 +97,7 @@ class DyToxOptions(MethodOptions):
 
 
 @register_method("dytox")
-class DyTox(Method):
-    Options = DyToxOptions
+class DyTox(Method[DyToxOptions]):
     uses_memory = True
     network: ClassVar[type] = DyToxNet  # built around the ConViT backbone (LPA's baseline: a single-token net)
 
@@ -138,10 +127,10 @@ class DyTox(Method):
         phases = [Phase.from_train("train", "task+memory", t, task.index, repeats=o.repeated_augmentation,
                                    repeat_mode=o.repeated_augmentation_mode)]
         if task.index > 0 and o.finetune_epochs > 0 and self.memory.enabled:
-            lr = o.finetune_lr * (t.batch_size / t.lr_scale_batch if t.lr_scale_batch else 1.0)
             stored = o.finetune_order == "stored_drop_last"
-            phases.append(Phase.from_train("finetune", "memory", t, task.index, epochs=o.finetune_epochs, lr=lr,
-                                           schedule="constant", warmup_epochs=0, shuffle=not stored,
+            phases.append(Phase.from_train("finetune", "memory", t, task.index, epochs=o.finetune_epochs,
+                                           lr=t.scaled_lr(o.finetune_lr), schedule="constant", warmup_epochs=0,
+                                           shuffle=not stored,
                                            drop_last=stored, repeats=o.finetune_repeated_augmentation,
                                            repeat_mode=o.repeated_augmentation_mode))
         return phases
@@ -168,7 +157,7 @@ class DyTox(Method):
         emb = m.forward_features(batch.x)
         logits = m.forward_head(emb)
         cls = classification(logits, dense_targets(batch, logits.shape[1]), o.classification)
-        loss, logs = cls, {"cls": float(cls.detach())}
+        loss, logs = cls, {"cls": cls.detach()}
         if phase.name != "train" and not o.finetune_distillation:
             return loss, logs
         n_old = task.offset
@@ -181,13 +170,13 @@ class DyTox(Method):
                 s, t = (logits, old) if rows is None else (logits[rows], old[rows])
                 kd = distillation(s[:, :n_old], t, o.distillation_tau, o.kd_reduction)
                 loss = (1 - lam) * cls + lam * kd
-                logs["kd"] = float(kd.detach())
+                logs["kd"] = kd.detach()
             # kd_samples=memory and no old sample in the batch: the classification loss alone, unweighted (LPA)
         if phase.name == "train" and m.head_div is not None and o.divergence_weight > 0:
             div_logits = m.forward_div(emb)
             div = classification(div_logits, divergence_targets(batch, n_old, task.num_classes), o.classification)
             loss = loss + o.divergence_weight * div
-            logs["div"] = float(div.detach())
+            logs["div"] = div.detach()
         return loss, logs
 
     def logits(self, x, task=None):
@@ -209,16 +198,9 @@ class DyTox(Method):
         return self.model.inference_modules()
 
 
-@dataclass
-class DyToxPlusOptions(DyToxOptions):
-    name: str = "dytox-plus"
-
-
 @register_method("dytox-plus")
 class DyToxPlus(DyTox):
     """DyTox+: DyTox trained on MixUp batches (alpha 0.8, label smoothing 0.1, set in data.augment)."""
-
-    Options = DyToxPlusOptions
 
     def __init__(self, cfg, scenario, device):
         a = cfg.data.augment

@@ -1,8 +1,6 @@
 """Fine-tuning: the lower bound. A backbone and a linear head that grows with each task; no memory."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -19,15 +17,8 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x), task)
 
 
-@dataclass
-class FinetuneOptions(MethodOptions):
-    name: str = "finetune"
-
-
 @register_method("finetune")
-class Finetune(Method):
-    Options = FinetuneOptions
-
+class Finetune(Method[MethodOptions]):
     def build_model(self) -> nn.Module:
         backbone = create_backbone(self.cfg.model, self.scenario.train.image_size, self.scenario.train.channels)
         return Classifier(backbone, GrowingHead(backbone.num_features))

@@ -4,20 +4,11 @@ With a single task of all classes (initial_increment = number of classes) this i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .base import MethodOptions, Phase, register_method
+from .base import Phase, register_method
 from .finetune import Finetune
-
-
-@dataclass
-class JointOptions(MethodOptions):
-    name: str = "joint"
 
 
 @register_method("joint")
 class Joint(Finetune):
-    Options = JointOptions
-
     def phases(self, task):
         return [Phase.from_train("train", "seen", self.cfg.train, task.index)]

@@ -42,7 +42,6 @@ class SingleTokenNet(DyToxNet):
 class LPABaselineOptions(DyToxOptions):
     """Defaults: LPA's published options (methods.md 2.3)."""
 
-    name: str = "lpa-baseline"
     divergence_weight: float = 0.0  # no divergence head (one token: nothing to diverge)
     kd_samples: Literal["all", "memory"] = "memory"
     finetune_distillation: bool = True
@@ -61,6 +60,7 @@ class LPABaselineOptions(DyToxOptions):
 @register_method("lpa-baseline")
 class LPABaseline(DyTox):
     Options = LPABaselineOptions
+    opts: LPABaselineOptions
     network = SingleTokenNet
 
     def setup_phase(self, phase, task):

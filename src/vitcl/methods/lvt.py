@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import GrowingHead, create_backbone
-from .base import Batch, Method, MethodOptions, Phase, classification_loss, register_method, true_class_confidence
+from .base import Batch, Method, MethodOptions, Phase, register_method, true_class_confidence
+from .losses import classification_loss, soft_cross_entropy, stored_distillation, task_targets
 
 
 # --------------------------------------------------------------------------------------------- the pieces
@@ -107,7 +108,8 @@ def estimate_importance(params: dict[str, torch.Tensor], batches: Iterable, loss
 
 
 def consolidation_loss(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-                       importance: dict[str, torch.Tensor], form: str = "quadratic") -> torch.Tensor:
+                       importance: dict[str, torch.Tensor],
+                       form: Literal["quadratic", "abs-inner"] = "quadratic") -> torch.Tensor:
     """L_a: quadratic Σ Ω·(θ − θ*)², or abs-inner Σ_tensors |⟨Ω, θ − θ*⟩| (Ω then is the mean gradient)."""
     total = None
     for name, p in params.items():
@@ -124,18 +126,6 @@ def consolidation_loss(params: dict[str, torch.Tensor], anchor: dict[str, torch.
     return total
 
 
-def distillation_loss(logits: torch.Tensor, stored: torch.Tensor, width: torch.Tensor, T: float) -> torch.Tensor:
-    """T²·KL(softmax(z/T) ‖ softmax(logits/T)) per row over its first width[i] classes, averaged over rows."""
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    valid = cols[None, :] < width[:, None]
-    n = min(logits.shape[1], stored.shape[1])
-    a = logits[:, :n].float().masked_fill(~valid[:, :n], -1e9) / T  # finite fill: no NaN in the gradient
-    z = stored[:, :n].float().masked_fill(~valid[:, :n], -1e9) / T
-    log_p, log_q = F.log_softmax(z, dim=1), F.log_softmax(a, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).masked_fill(~valid[:, :n], 0.0).sum(1)
-    return kl.mean() * T * T
-
-
 # --------------------------------------------------------------------------------------------- the method
 class LVTModel(nn.Module):
     def __init__(self, backbone: nn.Module):
@@ -150,7 +140,6 @@ class LVTModel(nn.Module):
 
 @dataclass
 class LVTMethodOptions(MethodOptions):
-    name: str = "lvt"
     alpha: float = 2.0  # L_replay: CE of h_A on the memory batch (weights: the unofficial scripts/cifar.sh)
     beta: float = 2.0  # L_distill: KD of h_A towards the stored logits
     gamma: float = 2.0  # L_a: attention consolidation
@@ -183,9 +172,8 @@ class LVTMethodOptions(MethodOptions):
 
 
 @register_method("lvt")
-class LVT(Method):
+class LVT(Method[LVTMethodOptions]):
     __doc__ = __doc__
-    Options = LVTMethodOptions
     uses_memory = True
 
     def __init__(self, cfg, scenario, device):
@@ -197,7 +185,6 @@ class LVT(Method):
                               f"got '{cfg.model.name}'")
         self.importance: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
-        self._lookup: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
         return LVTModel(create_backbone(self.cfg.model, self.scenario.train.image_size,
@@ -232,14 +219,8 @@ class LVT(Method):
 
     # ------------------------------------------------------------------ the loss
     def _injection_target(self, batch: Batch, task) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.opts.injection_classes == "task":
-            y = batch.y - task.offset
-            soft = batch.soft[:, task.offset:task.end] if batch.soft is not None else None
-        else:
-            y, soft = batch.y, batch.soft
-        if soft is not None:
-            soft = soft / soft.sum(1, keepdim=True).clamp(min=1e-12)
-        return y, soft
+        offset = task.offset if self.opts.injection_classes == "task" else 0
+        return task_targets(batch.y, batch.soft, offset, task.end)
 
     def loss(self, batch, phase, task):
         o, model = self.opts, self.model
@@ -253,43 +234,28 @@ class LVT(Method):
         if o.dual:
             y, soft = self._injection_target(batch, task)
             inj = model.injection(feats[:n])
-            l_inj = (torch.sum(-soft * F.log_softmax(inj, 1), 1).mean() if soft is not None
-                     else F.cross_entropy(inj, y))
+            l_inj = soft_cross_entropy(inj, soft) if soft is not None else F.cross_entropy(inj, y)
             total = l_inj + self.r(task.index) * l_acc
-            logs["inject"] = l_inj.item()
+            logs["inject"] = l_inj.detach()
         else:
             total = l_acc
-        logs["accumulate"] = l_acc.item()
+        logs["accumulate"] = l_acc.detach()
         if mem is not None:
             a_mem = acc[n:]
             l_rep = classification_loss(a_mem, mem)
-            z, width = self.stored_logits(mem.index)
-            l_dis = distillation_loss(a_mem, z, width, o.temperature)
+            z = self.memory.lookup("logits", mem.index, self.device)
+            width = self.memory.lookup("width", mem.index, self.device)
+            l_dis = stored_distillation(a_mem, z, width, o.temperature)
             total = total + o.alpha * l_rep + o.beta * l_dis
-            logs["replay"], logs["distill"] = l_rep.item(), l_dis.item()
+            logs["replay"], logs["distill"] = l_rep.detach(), l_dis.detach()
         if self.anchor is not None and o.gamma > 0:
             l_a = consolidation_loss(model.backbone.consolidated_parameters(), self.anchor, self.importance,
                                      o.consolidation)
             total = total + o.gamma * l_a
-            logs["attention"] = l_a.item()
+            logs["attention"] = l_a.detach()
         return total, logs
 
     # ------------------------------------------------------------------ memory
-    def stored_logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits (padded to all classes) and their valid width stored with the memory rows `rows`."""
-        if self._lookup is None:
-            idx = self.memory.indices()
-            pos = torch.full((len(self.scenario.train_labels),), -1, dtype=torch.long)
-            pos[idx] = torch.arange(len(idx))
-            self._lookup = (pos, self.memory.extra("logits").to(self.device),
-                            self.memory.extra("width").to(self.device))
-        pos, z, width = self._lookup
-        p = pos[rows.cpu()]
-        if (p < 0).any():
-            raise RuntimeError("LVT: a memory batch holds rows that the memory does not store")
-        p = p.to(self.device)
-        return z[p], width[p]
-
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         f = self.model.backbone(x)
         parts = [self.model.accumulation(f)]
@@ -297,30 +263,23 @@ class LVT(Method):
             parts.append(self.model.injection(f))
         return torch.cat(parts, 1)
 
-    def update_memory(self, task, ctx):
+    def candidate_outputs(self, task, ctx, labels, scores):
         """Class-balanced memory; the selector (confidence by default) ranks the task's samples; every exemplar
-        keeps h_A's logits over the classes seen so far."""
-        if not self.memory.enabled:
-            return
+        keeps h_A's logits over the classes seen so far (padded to all classes) and that width."""
         o = self.opts
-        labels = self.scenario.train_labels[task.train_idx]
         out = ctx.extract(task.train_idx, self._heads)
         acc, inj = out[:, :self.seen], out[:, self.seen:]
-        needs = self.memory.selector.needs
         feats = None
-        if needs == "scores":
+        if scores:
             if o.dual and o.confidence_head == "injection":
                 local = labels - task.offset if o.injection_classes == "task" else labels
                 feats = true_class_confidence(inj, local)
             else:
                 feats = true_class_confidence(acc, labels)
-        elif needs == "embedding":
-            feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
         z = acc.new_zeros(len(acc), self.scenario.num_classes)
         z[:, :self.seen] = acc
         width = torch.full((len(acc),), self.seen, dtype=torch.long)
-        self.memory.add(task.train_idx, labels, feats, self.seen, extras={"logits": z, "width": width})
-        self._lookup = None
+        return feats, {"logits": z, "width": width}
 
     # ------------------------------------------------------------------ consolidation
     def consolidate(self, task, ctx):
@@ -360,7 +319,6 @@ class LVT(Method):
                 "anchor": {k: v.cpu() for k, v in self.anchor.items()}}
 
     def load_extra_state(self, state):
-        self._lookup = None
         if state.get("anchor") is None:
             self.importance = self.anchor = None
             return

@@ -18,7 +18,6 @@ from .taskil import SurgeryMethod, SurgeryOptions
 
 @dataclass
 class MaskRKROptions(SurgeryOptions):
-    name: str = "mask-rkr"
     rank: int = 2  # K
     scale: float = 0.1
     rg: Literal["mask", "mask-product", "mask-lm", "mask-rm", "real"] = "mask"  # how tasks >= 1 get LM, RM
@@ -34,8 +33,7 @@ class MaskRKROptions(SurgeryOptions):
 
 
 @register_method("mask-rkr")
-class MaskRKR(SurgeryMethod):
-    Options = MaskRKROptions
+class MaskRKR(SurgeryMethod[MaskRKROptions]):
 
     def task_params(self) -> TaskParams:
         o = self.opts

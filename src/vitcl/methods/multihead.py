@@ -13,13 +13,11 @@ from .taskil import TaskILMethod, TaskILOptions
 
 @dataclass
 class MultiHeadOptions(TaskILOptions):
-    name: str = "multi-head"
     backbone: Literal["frozen", "first-task", "every-task"] = "frozen"
 
 
 @register_method("multi-head")
-class MultiHead(TaskILMethod):
-    Options = MultiHeadOptions
+class MultiHead(TaskILMethod[MultiHeadOptions]):
 
     def trains_backbone(self, task) -> bool:
         mode = self.opts.backbone

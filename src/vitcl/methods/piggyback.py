@@ -14,15 +14,13 @@ from .taskil import SurgeryMethod, SurgeryOptions
 
 @dataclass
 class PiggybackOptions(SurgeryOptions):
-    name: str = "piggyback"
     bn: Literal["task", "shared", "frozen"] = "frozen"
     mask_init: float = 1e-2
     threshold: float = 5e-3
 
 
 @register_method("piggyback")
-class Piggyback(SurgeryMethod):
-    Options = PiggybackOptions
+class Piggyback(SurgeryMethod[PiggybackOptions]):
 
     def task_params(self) -> TaskParams:
         return TaskParams(weight_mask=True, mask_init=self.opts.mask_init, threshold=self.opts.threshold)

@@ -14,7 +14,6 @@ from .taskil import SurgeryMethod, SurgeryOptions
 
 @dataclass
 class RKROptions(SurgeryOptions):
-    name: str = "rkr"
     rank: int = 2  # K
     scale: float = 0.1  # rkr_scale: LM, RM = kaiming-uniform x scale
     sfg: bool = True  # the scaling factor generator; false: RG only (the code's RKRwoSFG)
@@ -30,8 +29,7 @@ class RKROptions(SurgeryOptions):
 
 
 @register_method("rkr")
-class RKR(SurgeryMethod):
-    Options = RKROptions
+class RKR(SurgeryMethod[RKROptions]):
 
     def task_params(self) -> TaskParams:
         o = self.opts

@@ -31,13 +31,11 @@ class SingleModel(TaskILModel):
 
 @dataclass
 class SingleOptions(TaskILOptions):
-    name: str = "single"
     init: Literal["pretrained", "previous"] = "pretrained"
 
 
 @register_method("single")
-class Single(TaskILMethod):
-    Options = SingleOptions
+class Single(TaskILMethod[SingleOptions]):
 
     def build_model(self) -> nn.Module:
         model = super().build_model()

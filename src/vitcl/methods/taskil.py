@@ -5,7 +5,7 @@ binary masks cost 1/32 of a parameter. Each method says which parameters task t 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Union
+from typing import Iterable, Literal, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from ..models.surgery import add_task as add_task_slots
 from ..models.surgery import freeze_task, slot_parameters
 from ..models.timm_backbone import timm_family
 from .base import Batch, Method, MethodOptions, ParamCount, Phase
+from .losses import soft_cross_entropy, task_targets
 
 
 @dataclass
@@ -29,6 +30,10 @@ class TaskILOptions(MethodOptions):
 class SurgeryOptions(TaskILOptions):
     layers: list[Union[str, LayerRule]] | None = None  # layers to wrap; default: the papers' choice per backbone
     bn: Literal["task", "shared", "frozen"] = "task"  # BatchNorm statistics: per task, shared by all, or frozen
+
+
+TO = TypeVar("TO", bound=TaskILOptions)
+SO = TypeVar("SO", bound=SurgeryOptions)
 
 
 class TaskILModel(nn.Module):
@@ -62,7 +67,7 @@ class TaskILModel(nn.Module):
         return self
 
 
-class TaskILMethod(Method):
+class TaskILMethod(Method[TO]):
     """Base of the task-IL methods: subclasses give `trainable(task)` and may `prepare` the backbone (surgery)."""
 
     settings = frozenset({"task-il"})
@@ -100,14 +105,12 @@ class TaskILMethod(Method):
     def logits(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         return self.model(x, self.task_index if task is None else task)
 
-    def loss(self, batch: Batch, phase: Phase, task) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, phase: Phase, task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy over the task's own classes (task-IL)."""
         logits = self.logits(batch.x, task.index)
-        if batch.soft is not None:
-            soft = batch.soft[:, task.offset: task.end]
-            soft = soft / soft.sum(1, keepdim=True).clamp_min(1e-12)
-            return torch.sum(-soft * F.log_softmax(logits, dim=1), dim=1).mean(), {}
-        target = batch.y - task.offset
+        target, soft = task_targets(batch.y, batch.soft, task.offset, task.end)
+        if soft is not None:
+            return soft_cross_entropy(logits, soft), {}
         return F.cross_entropy(logits, target, label_smoothing=self.cfg.data.augment.label_smoothing), {}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +127,7 @@ class TaskILMethod(Method):
         return self.reference
 
 
-class SurgeryMethod(TaskILMethod):
+class SurgeryMethod(TaskILMethod[SO]):
     """Piggyback, RKR and Mask-RKR: the backbone's layers are wrapped (models/surgery.py); task t trains its slot
     in every wrapped layer and its head; the pretrained weights stay frozen."""
 
