@@ -61,7 +61,7 @@ def main() -> None:
             nets[1](x)
         configs = [(t, mode) for t in TASKS for mode in ("batched", "loop")]
         order = random.Random(0)
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             order.shuffle(configs)  # no configuration always runs first (or right after the slowest one)
             for t, mode in configs:
                 nets[t].decoder.mode = mode

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from vitcl.runconfig import load_config
 from vitcl.data.build import build_scenario
 from vitcl.engine.optim import build_optimizer
 from vitcl.methods import METHODS, Batch
+from vitcl.runconfig import load_config
 
 TASKS = (1, 2, 10, 50)  # 2: the first task with a teacher and a divergence head
 

@@ -25,7 +25,6 @@ import torch
 
 from vitcl import cli
 
-
 METHODS = {
     "finetune": ["method.name=finetune", "memory.size=0"],
     "replay": ["method.name=replay"],

@@ -66,7 +66,7 @@ grid gives 2.01, attention to the query patch alone 0. Plot: `benchmarks/{plot.n
 line per layer); attention heat maps after the last task: `benchmarks/lpa_attention_{{joint,baseline,lpa}}.png`.
 
 | run | task | """ + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |\n|---|---|" + "---|" * layers + "\n" + \
-        "\n".join(nl_rows) + "\n\n![non-locality per layer across tasks](benchmarks/lpa_nonlocality.png)\n" + f"""
+        "\n".join(nl_rows) + "\n\n![non-locality per layer across tasks](benchmarks/lpa_nonlocality.png)\n" + """
 Eigenvalues of the covariance of the final representation (the class token's embedding, 64 dimensions) on the same
 200 images after the last task (LPA's transferability figure; plot `benchmarks/lpa_spectrum.png`). Baseline and
 w/LPA embed with the raw class-attention output (their classifiers normalise it), joint after the backbone's final

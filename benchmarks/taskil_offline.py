@@ -83,8 +83,8 @@ def pretrain(backbone: str, out: Path, epochs: int) -> Path:
     path = out / f"pretrained-{backbone}.pth"
     if path.exists():
         return path
-    from vitcl.runconfig import load_config
     from vitcl.engine.trainer import Trainer
+    from vitcl.runconfig import load_config
 
     cfg, _ = load_config(["finetune/digits-b0inc2"], [
         *BACKBONES[backbone], "data.image_size=32", "data.initial_increment=10", "data.class_order=null",
@@ -147,15 +147,15 @@ def main_bench() -> None:
     weights = pretrain(args.backbone, out, args.pretrain_epochs)
     chosen = [row for row in METHODS if not args.methods or row[0] in args.methods]
     results = [run(label, m, extra, args.backbone, weights, out, args) for label, m, extra in chosen]
-    from vitcl.runconfig import load_config
-    from vitcl.methods import METHODS as REG
     from vitcl.data.build import build_scenario
+    from vitcl.methods import METHODS as REG
+    from vitcl.runconfig import load_config
 
     cfg, _ = load_config(["finetune/digits-b0inc2"], [*BACKBONES[args.backbone], "data.image_size=32",
                                                        "method.name=multi-head", "data.setting=task-il"])
     reference = REG.get("multi-head")(cfg, build_scenario(cfg.data, shapes_only=True), torch.device("cpu")).reference
-    lines = [f"| method | task-IL acc, final | avg incremental | forgetting | best while training* | #P after 5 tasks "
-             f"| vs 1 backbone+head | added by task 1 | added per later task | time (s) |",
+    lines = ["| method | task-IL acc, final | avg incremental | forgetting | best while training* | #P after 5 tasks "
+             "| vs 1 backbone+head | added by task 1 | added per later task | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r, reference) for r in results]
     table = "\n".join(lines)

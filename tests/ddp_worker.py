@@ -6,9 +6,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from vitcl.runconfig import load_config  # noqa: E402
 from vitcl.data import distributed as dist  # noqa: E402
 from vitcl.engine.trainer import Trainer  # noqa: E402
+from vitcl.runconfig import load_config  # noqa: E402
 
 out = Path(sys.argv[1])
 cfg, _ = load_config(["replay/digits-b0inc2"], sys.argv[2:])

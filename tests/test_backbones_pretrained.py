@@ -3,7 +3,6 @@ torchvision, original-Swin and ViT .npz layouts (written here from a model, read
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vitcl.errors import ConfigError
 from vitcl.models.pretrained import load_pretrained
@@ -192,9 +191,9 @@ def test_missing_or_foreign_file_is_a_one_line_config_error(tmp_path):
 def test_timm_backbones_are_an_optional_extra():
     import importlib.util
 
-    from vitcl.runconfig import load_config
     from vitcl.data.build import build_scenario
     from vitcl.methods import METHODS
+    from vitcl.runconfig import load_config
 
     cfg, _ = load_config(["finetune/digits-b0inc2"], ["model.name=timm", "model.arch=vit_tiny_patch16_224",
                                                        "data.image_size=32", "method.name=rkr", "data.setting=task-il"])

@@ -1,7 +1,7 @@
 import pytest
 
-from vitcl.runconfig import from_dict, load_config, parse_override, preset_names
 from vitcl.errors import ConfigError
+from vitcl.runconfig import from_dict, load_config, parse_override, preset_names
 
 
 def test_presets_listed_and_loadable():

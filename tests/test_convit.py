@@ -5,14 +5,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from vitcl.runconfig import load_config
 from vitcl.errors import ConfigError
 from vitcl.models import create_backbone
-from vitcl.models.convit import (GPSA, ClassAttention, ConViT, TaskAttentionBlock, TaskDecoder, TokenDropPath,
-                                 relative_positions)
+from vitcl.models.convit import (
+    GPSA,
+    ClassAttention,
+    ConViT,
+    TaskAttentionBlock,
+    TaskDecoder,
+    TokenDropPath,
+    relative_positions,
+)
 from vitcl.models.layers import Attention
+from vitcl.runconfig import load_config
 
 
 def n_params(m):

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from helpers import SRC, TINY
-from vitcl.runconfig import load_config
 from vitcl.engine.trainer import Trainer
+from vitcl.runconfig import load_config
 
 OVERRIDES = [*TINY, "data.increment=5", "memory.size=40", "train.batch_size=16"]
 

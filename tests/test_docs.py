@@ -3,7 +3,7 @@ the docs, README.md and BENCHMARKS.md reaches an existing file (and heading), an
 cited anywhere (code, presets, tests) resolves."""
 import re
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 FENCE = re.compile(r"^\s*(```|~~~)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def tracked_files() -> tuple[Path, ...]:
     """The files git tracks (the working tree's version of each), or every file outside .git without git."""
     try:
@@ -29,7 +29,7 @@ def tracked_files() -> tuple[Path, ...]:
     return tuple(p for p in paths if p.is_file() and not p.is_symlink())
 
 
-@lru_cache(maxsize=None)
+@cache
 def text(path: Path) -> str | None:
     data = path.read_bytes()
     if b"\0" in data:
@@ -55,7 +55,7 @@ def lines_outside_code(source: str):
             yield number, line
 
 
-@lru_cache(maxsize=None)
+@cache
 def anchors(path: Path) -> frozenset[str]:
     """Every heading anchor of a Markdown file, with GitHub's -1, -2 ... suffixes for repeated headings."""
     seen: dict[str, int] = {}

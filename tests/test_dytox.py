@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from vitcl import cli
-from vitcl.runconfig import load_config
 from vitcl.data.build import build_scenario
 from vitcl.errors import ConfigError
 from vitcl.methods import METHODS, Batch
 from vitcl.methods.dytox import classification, divergence_targets
 from vitcl.methods.losses import distillation
+from vitcl.runconfig import load_config
 
 TINY = ["model.patch_size=2", "model.embed_dim=32", "model.num_heads=4", "model.depth=3", "model.local_up_to_layer=2",
         "model.drop_path=0.0", "memory.size=40"]

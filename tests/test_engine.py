@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import SRC, TINY, run_cli
-from vitcl.runconfig import load_config
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import TrainingError
+from vitcl.runconfig import load_config
 
 
 def make_trainer(run_dir, *overrides, preset="replay/digits-b0inc2"):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vitcl.eval.locality import (collect_attention, covariance_spectrum, heldout_indices, nonlocality, patch_block)
+from vitcl.eval.locality import collect_attention, covariance_spectrum, heldout_indices, nonlocality, patch_block
 from vitcl.models.layers import Attention, Block, PatchEmbed
 
 

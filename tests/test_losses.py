@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from vitcl.methods import Batch
-from vitcl.methods.losses import (classification_loss, distillation, soft_cross_entropy, stored_distillation,
-                                  task_targets)
+from vitcl.methods.losses import (
+    classification_loss,
+    distillation,
+    soft_cross_entropy,
+    stored_distillation,
+    task_targets,
+)
 
 
 def _log_softmax_row(row: list[float]) -> list[float]:

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from vitcl import cli
-from vitcl.runconfig import load_config, preset_names
 from vitcl.data.build import build_scenario
 from vitcl.errors import ConfigError
 from vitcl.methods import METHODS, Batch
 from vitcl.models.lpsa import LPSA
+from vitcl.runconfig import load_config, preset_names
 
 TINY = ["model.embed_dim=32", "model.num_heads=4", "model.depth=3", "model.local_up_to_layer=2", "memory.size=40"]
 

@@ -136,8 +136,8 @@ def test_convit_per_layer_attention_keeps_lpsa_init():
 
 
 def test_convit_sab_layers_config_errors():
-    from vitcl.runconfig import load_config
     from vitcl.errors import ConfigError
+    from vitcl.runconfig import load_config
 
     base = ["model.name=convit", "model.local_up_to_layer=2", "model.depth=3"]
     cfg, _ = load_config(["replay/digits-b0inc2"], base + ["model.sab_layers=[lpsa,mhsa]"])

@@ -1,8 +1,8 @@
 """The engine's side memory batch (Phase.memory_batch) and the confidence selector through the base Method."""
 import torch
 
-from vitcl.runconfig import load_config
 from vitcl.engine.trainer import Trainer
+from vitcl.runconfig import load_config
 
 
 def _trainer(tmp_path, sources, overrides):

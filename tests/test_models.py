@@ -3,11 +3,10 @@ import math
 import pytest
 import torch
 
-from vitcl.models.vit import ViTOptions
 from vitcl.models import GrowingHead, create_backbone
 from vitcl.models.layers import Attention
 from vitcl.models.resnet import ResNet18Options, ResNet32Options
-from vitcl.models.vit import VisionTransformer
+from vitcl.models.vit import VisionTransformer, ViTOptions
 
 
 def attention_reference(attn: Attention, x: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@ import torch
 
 from datafiles import colour_of, make_idx_dataset, make_image_tree
 from vitcl.config import DataConfig, build
-from vitcl.runconfig import PRESET_DIR, load_config
 from vitcl.data.build import build_scenario
 from vitcl.data.orders import NAMED_ORDERS, resolve_class_order, seeded_permutation
 from vitcl.data.scenario import make_increments
 from vitcl.data.sources import base as source_base
 from vitcl.errors import ConfigError
+from vitcl.runconfig import PRESET_DIR, load_config
 
 
 @pytest.fixture(autouse=True)

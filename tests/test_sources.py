@@ -13,8 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from datafiles import (colour_of, dump, make_cifar10, make_cifar100, make_idx_dataset, make_image_tree, write_idx,
-                       write_png)
+from datafiles import (
+    colour_of,
+    dump,
+    make_cifar10,
+    make_cifar100,
+    make_idx_dataset,
+    make_image_tree,
+    write_idx,
+    write_png,
+)
 from vitcl.cli import main
 from vitcl.data.sources import SOURCES, Remote, get_source, md5sum
 from vitcl.data.sources import base as source_base

@@ -5,8 +5,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcl.errors import ConfigError
-from vitcl.models.surgery import (LayerRule, TaskBatchNorm, TaskLayer, TaskParams, add_task, apply_surgery,
-                                  binarize, count_parameters, default_rules, set_task, slot_parameters)
+from vitcl.models.surgery import (
+    LayerRule,
+    TaskBatchNorm,
+    TaskLayer,
+    TaskParams,
+    add_task,
+    apply_surgery,
+    binarize,
+    count_parameters,
+    default_rules,
+    set_task,
+    slot_parameters,
+)
 
 THR = 5e-3
 
@@ -247,7 +258,7 @@ def test_finished_masks_are_stored_as_bool_and_reload():
                                                     sfg_later="mask"))
     add_task(net)
     add_task(net)
-    for name, p in net[0].slots[1].items():
+    for p in net[0].slots[1].values():
         p.copy_(scores_like(p, gen))
     x = torch.randn(3, 6)
     set_task(net, 1)

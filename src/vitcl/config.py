@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 
 from .errors import ConfigError
 
+
 # --------------------------------------------------------------------------------------------- sections
 @dataclass
 class RunConfig:
@@ -51,10 +52,10 @@ class DataConfig:
     resize: Literal["pad", "resize"] = "resize"  # how a smaller image reaches image_size
     channels: int | None = None  # 1 or 3; default: the source's (the largest in a sequence)
     setting: Literal["class-il", "task-il"] = "class-il"
-    class_order: Union[str, list[int], None] = None  # None: 0..C-1; "random": seeded permutation; or a named order
+    class_order: str | list[int] | None = None  # None: 0..C-1; "random": seeded permutation; or a named order
     class_order_seed: int = 1993
     initial_increment: int = 0  # classes in the first task; 0: the same as increment
-    increment: Union[int, list[int]] = 2
+    increment: int | list[int] = 2
     train_per_class: int | None = None  # keep only the first N training images of each class
     test_per_class: int | None = None
     num_workers: int = 2  # decoding workers, for sources read lazily from disk
@@ -86,7 +87,7 @@ class OptimConfig:
     gamma: float = 0.1
     grad_clip: float | None = None
 
-    def optim(self) -> "OptimConfig":
+    def optim(self) -> OptimConfig:
         """These settings alone (a copy), without what a subclass adds."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimConfig)}
         return OptimConfig(**{**values, "milestones": list(self.milestones)})

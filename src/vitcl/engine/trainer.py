@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..data import distributed as dist
 from ..data.augment import BatchAugment, mix_batch
 from ..data.build import build_scenario
+from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
 from ..errors import ConfigError, TrainingError
 from ..eval.evaluator import evaluate
 from ..eval.locality import HeldoutBatch, analyse_task, heldout_batch, summarise
 from ..eval.report import build_results
 from ..methods import METHODS, Batch, Method, Phase
-from ..data import distributed as dist
 from . import checkpoint
-from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress, fmt_time
 
@@ -76,9 +76,6 @@ class Trainer:
         torch.manual_seed(stable_seed(cfg.run.seed, "build"))
         self.scenario = build_scenario(cfg.data)
         method_cls = METHODS.get(cfg.method.name, "method.name")
-        if cfg.data.setting not in method_cls.settings:
-            raise ConfigError(f"data.setting: method '{cfg.method.name}' supports {sorted(method_cls.settings)}, "
-                              f"not '{cfg.data.setting}'")
         self.method: Method = method_cls(cfg, self.scenario, self.device)
         if cfg.run.compile:
             self.method.model.compile()
@@ -272,7 +269,7 @@ class Trainer:
             side_rows = self.memory_batch_rows(side, phase.memory_batch, len(micro),
                                                (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
             optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), dtype=torch.float64)
+            shares = torch.zeros((), dtype=torch.float64)  # this rank's share of the step's loss
             for (x_u8, idx), m, mrows in zip(self.train_stream(rows), micro, side_rows):
                 batch = self.make_batch(x_u8, idx, memory_rows)
                 if mrows is not None and len(mrows):
@@ -282,8 +279,8 @@ class Trainer:
                 with self.autocast():
                     loss, logs = self.method.loss(batch, phase, task)
                 (loss * (len(m) * self.world / len(gb))).backward()
-                step_loss += loss.detach().double().cpu() * len(m) / len(gb)
-            step_loss = dist.average_gradients(params, extra=step_loss * self.world)  # sum of shares
+                shares += loss.detach().double().cpu() * len(m) / len(gb)
+            step_loss = dist.average_gradients(params, extra=shares * self.world)  # sum of shares
             if not math.isfinite(step_loss):
                 raise TrainingError(f"task {task.index} '{phase.name}' epoch {epoch + 1}: the loss is {step_loss}; "
                                     f"stopped, the last checkpoint is {self.ckpt_dir / 'last.pt'}")

@@ -12,23 +12,27 @@ Lifecycle per task t (the engine calls, in order):
     end_task(task)
 Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for task-conditioned methods.
 
-`ctx` (the engine) offers, all without gradients unless the caller enables them:
+`ctx` (a `TaskContext`: the engine) offers, all without gradients unless the caller enables them:
     ctx.extract(indices, fn, augment=False)   fn(images) for train-set rows, in order, gathered over ranks
     ctx.batches(indices, augment=False)       (images, rows) batches of this rank's share of the rows
     ctx.reduce_sum(tensor)                    sum over ranks, in place (a no-op on one process)
+`check(cfg)` runs when a run's config is built, before any data is read: the checks of the whole config that a
+method needs (the setting, the backbone it is built around, a data option it depends on).
 A phase with `memory_batch > 0` gets, with every batch of its data, an independent batch of that many rows drawn
 from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once the memory holds anything.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 
 import torch
 from torch import nn
 
 from ..config import OptimConfig
 from ..data.memory import Memory, make_budget, make_selector
+from ..errors import ConfigError
 from ..registry import Registry
 from .losses import classification_loss
 
@@ -47,13 +51,17 @@ def register_method(name: str):
     return add
 
 
+# the rows a phase trains on; "seen": every seen task's full data (joint training)
+PhaseData = Literal["task+memory", "task", "memory", "seen"]
+
+
 @dataclass
 class Phase:
     """One optimisation phase of a task: which data, how long, in what batches, and the optimiser and schedule
     (`optim`; `phase.lr`, `phase.schedule` ... read through to it)."""
 
     name: str
-    data: Literal["task+memory", "task", "memory", "seen"]  # seen: every seen task's full data (joint training)
+    data: PhaseData
     epochs: int
     optim: OptimConfig
     batch_size: int = 128
@@ -71,17 +79,36 @@ class Phase:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
-    def from_train(cls, name: str, data: str, train: "TrainConfig", task_index: int, **changes: Any) -> "Phase":
+    def from_train(cls, name: str, data: PhaseData, train: TrainConfig, task_index: int, **changes: Any) -> Phase:
         """The phase the `train` section describes, with `changes` to it or its optimiser settings; the first
         task may have its own epochs and lr."""
         epochs = train.first_task_epochs if task_index == 0 and train.first_task_epochs else train.epochs
         lr = train.first_task_lr if task_index == 0 and train.first_task_lr is not None else train.lr
-        optim = {k: changes.pop(k) for k in list(changes) if k in _OPTIM_FIELDS}
-        optim = replace(train.optim(), **{"lr": train.scaled_lr(lr), **optim})
-        return replace(cls(name=name, data=data, epochs=epochs, optim=optim, batch_size=train.batch_size), **changes)
+        optim_changes = {k: changes.pop(k) for k in list(changes) if k in _OPTIM_FIELDS}
+        optim = replace(train.optim(), **{"lr": train.scaled_lr(lr), **optim_changes})
+        phase = cls(name=name, data=data, epochs=epochs, optim=optim, batch_size=train.batch_size)
+        return replace(phase, **changes)
 
 
 _OPTIM_FIELDS = frozenset(f.name for f in fields(OptimConfig))
+
+
+class TaskContext(Protocol):
+    """What the engine offers a method's memory and consolidation hooks."""
+
+    def extract(self, indices: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], augment: bool = False,
+                batch_size: int | None = None) -> torch.Tensor:
+        """fn(images) for the train-set rows `indices`, in order, without gradients; the same on every rank."""
+        ...
+
+    def batches(self, indices: torch.Tensor, augment: bool = False,
+                batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images, train-set rows) for this rank's share of `indices`, in order."""
+        ...
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (a no-op on one process)."""
+        ...
 
 
 @dataclass
@@ -92,7 +119,7 @@ class Batch:
     index: torch.Tensor  # row in the scenario's train set (to look up memory extras)
     soft: torch.Tensor | None = None  # MixUp/CutMix soft targets over the seen classes, when mixing is on
     from_memory: torch.Tensor | None = None  # bool mask: sample comes from the rehearsal memory
-    memory: "Batch | None" = None  # a separate rehearsal batch, for phases with memory_batch > 0
+    memory: Batch | None = None  # a separate rehearsal batch, for phases with memory_batch > 0
 
 
 @dataclass
@@ -129,7 +156,7 @@ class Method(Generic[O]):
                 if isinstance(arg, type) and issubclass(arg, MethodOptions):
                     cls.Options = arg
 
-    def __init__(self, cfg: "Config", scenario: "Scenario", device: torch.device):
+    def __init__(self, cfg: Config, scenario: Scenario, device: torch.device):
         self.cfg, self.opts, self.scenario, self.device = cfg, cfg.method, scenario, device
         if not self.opts.name:
             self.opts.name = self.name
@@ -139,23 +166,30 @@ class Method(Generic[O]):
         budget = make_budget(cfg.memory.size, cfg.memory.per_class) if self.uses_memory else make_budget(0, 0)
         self.memory = Memory(budget, make_selector(cfg.memory.selection, cfg.run.seed))
 
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Checks of the whole config, before any work (subclasses extend it and call super())."""
+        if cfg.data.setting not in cls.settings:
+            raise ConfigError(f"data.setting: method '{cfg.method.name}' supports {sorted(cls.settings)}, "
+                              f"not '{cfg.data.setting}'")
+
     # ------------------------------------------------------------------ to implement
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def begin_task(self, task: "Task") -> None:
+    def begin_task(self, task: Task) -> None:
         self.task_index, self.seen = task.index, task.end
 
-    def phases(self, task: "Task") -> list[Phase]:
-        data = "task+memory" if self.uses_memory else "task"
+    def phases(self, task: Task) -> list[Phase]:
+        data: PhaseData = "task+memory" if self.uses_memory else "task"
         return [Phase.from_train("train", data, self.cfg.train, task.index)]
 
-    def setup_phase(self, phase: Phase, task: "Task") -> None:
+    def setup_phase(self, phase: Phase, task: Task) -> None:
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.model.train()
 
-    def loss(self, batch: Batch, phase: Phase, task: "Task") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch, phase: Phase, task: Task) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.logits(batch.x)
         loss = classification_loss(logits, batch)
         return loss, {}
@@ -167,7 +201,7 @@ class Method(Generic[O]):
         """Features for memory selection (herding)."""
         raise NotImplementedError
 
-    def update_memory(self, task: "Task", ctx) -> None:
+    def update_memory(self, task: Task, ctx: TaskContext) -> None:
         """Add the task's exemplars, selected on what the selector needs (embeddings, or the scores of
         `candidate_outputs`), with the per-row extras that `candidate_outputs` gives."""
         if not self.memory.enabled:
@@ -179,7 +213,7 @@ class Method(Generic[O]):
             feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
         self.memory.add(task.train_idx, labels, feats, self.seen, extras=extras)
 
-    def candidate_outputs(self, task: "Task", ctx, labels: torch.Tensor,
+    def candidate_outputs(self, task: Task, ctx: TaskContext, labels: torch.Tensor,
                           scores: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """For the task's candidates (task.train_idx, labels): their selection scores when `scores` (higher is
         kept first; here the softmax probability of the own label) and the tensors to store with each exemplar
@@ -189,10 +223,10 @@ class Method(Generic[O]):
             return None, {}
         return true_class_confidence(ctx.extract(task.train_idx, self.logits), labels), {}
 
-    def consolidate(self, task: "Task", ctx) -> None:
+    def consolidate(self, task: Task, ctx: TaskContext) -> None:
         """After the task's phases and memory update: estimate what to protect for later tasks."""
 
-    def end_task(self, task: "Task") -> None:
+    def end_task(self, task: Task) -> None:
         pass
 
     # ------------------------------------------------------------------ state and accounting

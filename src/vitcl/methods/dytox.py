@@ -1,6 +1,6 @@
 """DyTox (Douillard et al., CVPR 2022) and DyTox+: dynamic task-token expansion over a shared ConViT.
 
-Per task t (facts and sources: reference/methods.md section 1):
+Per task t (facts and sources: docs/methods/dytox.md):
 - grow: a new task token and a new classifier (LayerNorm + Linear over the task's classes); for t >= 1 a
   divergence head (|C_t| + 1 outputs on the newest token, rebuilt each task, training only, not counted in #P)
   and a teacher, the frozen copy of the model taken before the expansion.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import create_backbone
+from ..models import MODELS, create_backbone
 from ..models.convit import ConViT
 from ..models.dytox import DyToxNet
 from .base import Batch, Method, MethodOptions, Phase, register_method
@@ -71,7 +71,8 @@ def divergence_targets(batch: Batch, n_old: int, n_new: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- the method
 @dataclass
 class DyToxOptions(MethodOptions):
-    classification: Literal["bce", "softmax"] = "bce"  # softmax: what DyTox+ used before 2022-05 (methods.md 1.3)
+    # softmax: what DyTox+ used before 2022-05 (docs/methods/dytox.md#public-code-versus-paper)
+    classification: Literal["bce", "softmax"] = "bce"
     divergence_weight: float = 0.1  # head_div; 0 removes the divergence head
     distillation: bool = True  # auto_kd
     distillation_tau: float = 1.0
@@ -98,6 +99,7 @@ class DyToxOptions(MethodOptions):
 
 @register_method("dytox")
 class DyTox(Method[DyToxOptions]):
+    model: DyToxNet
     uses_memory = True
     network: ClassVar[type] = DyToxNet  # built around the ConViT backbone (LPA's baseline: a single-token net)
 
@@ -105,9 +107,17 @@ class DyTox(Method[DyToxOptions]):
         self.teacher: DyToxNet | None = None
         super().__init__(cfg, scenario, device)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        model = MODELS.get(cfg.model.name, "model.name")
+        if not (isinstance(model, type) and issubclass(model, ConViT)):
+            raise ConfigError(f"model.name: {cls.name} needs the 'convit' model (a task-attention decoder), "
+                              f"got '{cfg.model.name}'")
+
     def build_model(self) -> nn.Module:
         backbone = create_backbone(self.cfg.model, self.scenario.train.image_size, self.scenario.train.channels)
-        if not isinstance(backbone, ConViT):
+        if not isinstance(backbone, ConViT):  # check() ran on the config; this guards a hand-built one
             raise ConfigError(f"model.name: {self.name} needs the 'convit' model (a task-attention decoder), "
                               f"got '{self.cfg.model.name}'")
         return self.network(backbone)
@@ -202,9 +212,10 @@ class DyTox(Method[DyToxOptions]):
 class DyToxPlus(DyTox):
     """DyTox+: DyTox trained on MixUp batches (alpha 0.8, label smoothing 0.1, set in data.augment)."""
 
-    def __init__(self, cfg, scenario, device):
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
         a = cfg.data.augment
         if a.mixup_alpha <= 0 and a.cutmix_alpha <= 0:
             raise ConfigError("data.augment.mixup_alpha: dytox-plus is DyTox with MixUp; set mixup_alpha "
                               "(0.8 in the paper) and label_smoothing (0.1), or use method.name=dytox")
-        super().__init__(cfg, scenario, device)

@@ -17,7 +17,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
 
 
-def classification_loss(logits: torch.Tensor, batch: "Batch") -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Softmax cross-entropy over the seen classes, on soft targets when the batch was mixed."""
     if batch.soft is not None:
         return soft_cross_entropy(logits, batch.soft)

@@ -1,6 +1,6 @@
 """LPA's "baseline" (Zheng et al., ICME 2023; `bwnzheng/LPA_ICME2023` continual/raw.py, configs/model/cifar_raw.yaml;
-methods.md 2.3): DyTox without its dynamic part. "w/LPA" is the same method with `model.sab: lpsa` (the
-locality-preserving attention in the self-attention blocks), not a method of its own.
+docs/methods/lpa.md#the-baseline): DyTox without its dynamic part. "w/LPA" is the same method with
+`model.sab: lpsa` (the locality-preserving attention in the self-attention blocks), not a method of its own.
 
 - Network: DyTox's ConViT encoder and class-attention decoder with a **single** class token (no task tokens);
   one classifier per task (LayerNorm + Linear over its classes), all on the class token's embedding.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from ..errors import ConfigError
 from ..models.dytox import DyToxNet
 from ..models.heads import TaskHead
@@ -40,7 +41,7 @@ class SingleTokenNet(DyToxNet):
 
 @dataclass
 class LPABaselineOptions(DyToxOptions):
-    """Defaults: LPA's published options (methods.md 2.3)."""
+    """Defaults: LPA's published options (docs/methods/lpa.md#the-baseline)."""
 
     divergence_weight: float = 0.0  # no divergence head (one token: nothing to diverge)
     kd_samples: Literal["all", "memory"] = "memory"

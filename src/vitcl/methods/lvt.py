@@ -1,7 +1,7 @@
 """LVT: Continual Learning with Lifelong Vision Transformer (Wang, Liu, Duan, Kong, Tao; CVPR 2022).
 
 No official code exists. This reconstruction follows what the paper's text is known to say (through a Korean
-summary, see `docs/lvt.md`), two proxy codebases (an unofficial course-project implementation, and the authors'
+summary, see `docs/methods/lvt.md`), two proxy codebases (an unofficial course-project implementation, and the authors'
 later CVT code) for the loss skeleton and the memory rule, and fills the gaps with the choices listed below.
 Every choice that has a plausible alternative is an option.
 
@@ -54,10 +54,11 @@ Interpretation choices (and why)
    stored. The unofficial code's KL has its arguments swapped and recomputes z with the previous model; we keep
    the paper's "stored logits" reading.
 6. Weights: α = β = γ = 2 and r(t) = r0·r_decay^t with r0 = 1, r_decay = 0.9 and t the 0-based task index,
-   the values of one consistent version of the unofficial script (`scripts/cifar.sh`). Another version (quoted in
-   the project's reference notes) has α = β = 1, γ = 0.5, r0 = 10; with r0 = 10, h_A is trained about 9:1 on the
-   new classes and, on Fashion-MNIST with memory 200, the old classes fell to 0% class-IL accuracy. The paper's
-   own values are unknown (it tuned them by grid search on 10% of the training data).
+   the values of one consistent version of the unofficial script (`scripts/cifar.sh`). Another version (quoted
+   in docs/methods/lvt.md#dual-classifier-and-losses) has α = β = 1, γ = 0.5, r0 = 10; with r0 = 10, h_A is
+   trained about 9:1 on the new classes and, on Fashion-MNIST with memory 200, the old classes fell to 0%
+   class-IL accuracy. The paper's own values are unknown (it tuned them by grid search on 10% of the training
+   data).
 7. Gradients of the accumulation losses reach the backbone (`accumulation_to_backbone: true`); the paper's
    figure is not available to say whether they are stopped.
 8. `dual: false` is the single-classifier ablation: one classifier trained on current data (weight 1), replay,
@@ -65,20 +66,25 @@ Interpretation choices (and why)
 """
 from __future__ import annotations
 
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import GrowingHead, create_backbone
-from .base import Batch, Method, MethodOptions, Phase, register_method, true_class_confidence
+from ..data.scenario import Task
+from ..errors import ConfigError
+from ..models import MODELS, GrowingHead, create_backbone
+from ..models.lvt import LVTNet
+from .base import Batch, Method, MethodOptions, Phase, TaskContext, register_method, true_class_confidence
 from .losses import classification_loss, soft_cross_entropy, stored_distillation, task_targets
 
 
 # --------------------------------------------------------------------------------------------- the pieces
-def estimate_importance(params: dict[str, torch.Tensor], batches: Iterable, loss_fn: Callable,
+def estimate_importance(params: Mapping[str, torch.Tensor], batches: Iterable, loss_fn: Callable,
                         reduce: Callable | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Per parameter, over batches: the mean batch-loss gradient ("mean"), the mean of its absolute value
     ("magnitude") and the mean of its square ("squared").
@@ -131,7 +137,7 @@ class LVTModel(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.accumulation = GrowingHead(backbone.num_features)  # h_A: all seen classes, predicts
+        self.accumulation = GrowingHead(typing.cast(int, backbone.num_features))  # h_A: all seen classes, predicts
         self.injection: nn.Module | None = None  # h_I: re-created at every task
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
@@ -158,8 +164,6 @@ class LVTMethodOptions(MethodOptions):
     memory_batch: int = 0  # rows drawn from the memory per step; 0: train.batch_size
 
     def validate(self, key: str) -> None:
-        from ..errors import ConfigError
-
         for name in ("alpha", "beta", "gamma", "r0", "r_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}: expected a value >= 0, got {getattr(self, name)}")
@@ -173,16 +177,19 @@ class LVTMethodOptions(MethodOptions):
 
 @register_method("lvt")
 class LVT(Method[LVTMethodOptions]):
+    model: LVTModel
     __doc__ = __doc__
     uses_memory = True
 
-    def __init__(self, cfg, scenario, device):
-        super().__init__(cfg, scenario, device)
-        if not hasattr(self.model.backbone, "consolidated_parameters"):
-            from ..errors import ConfigError
-
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if not hasattr(MODELS.get(cfg.model.name, "model.name"), "consolidated_parameters"):
             raise ConfigError(f"model.name: LVT needs a backbone with inter-task attention ('lvt'), "
                               f"got '{cfg.model.name}'")
+
+    def __init__(self, cfg, scenario, device):
+        super().__init__(cfg, scenario, device)
         self.importance: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
 
@@ -259,11 +266,11 @@ class LVT(Method[LVTMethodOptions]):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         f = self.model.backbone(x)
         parts = [self.model.accumulation(f)]
-        if self.opts.dual:
-            parts.append(self.model.injection(f))
+        if self.opts.dual:  # h_I exists from begin_task on
+            parts.append(typing.cast(nn.Module, self.model.injection)(f))
         return torch.cat(parts, 1)
 
-    def candidate_outputs(self, task, ctx, labels, scores):
+    def candidate_outputs(self, task: Task, ctx: TaskContext, labels: torch.Tensor, scores: bool):
         """Class-balanced memory; the selector (confidence by default) ranks the task's samples; every exemplar
         keeps h_A's logits over the classes seen so far (padded to all classes) and that width."""
         o = self.opts
@@ -282,10 +289,10 @@ class LVT(Method[LVTMethodOptions]):
         return feats, {"logits": z, "width": width}
 
     # ------------------------------------------------------------------ consolidation
-    def consolidate(self, task, ctx):
+    def consolidate(self, task: Task, ctx: TaskContext) -> None:
         """Importance of K_W and B for this task, from the gradients of its loss on its training data."""
         o, model = self.opts, self.model
-        params = model.backbone.consolidated_parameters()
+        params = typing.cast(LVTNet, model.backbone).consolidated_parameters()
         if not params:
             return
         use_inj = o.dual and o.importance_head == "injection"

@@ -1,11 +1,11 @@
 """Mask-RKR (Takeda & Yanai, PRMU 2022): RKR whose later tasks learn only Piggyback masks. Task 0 learns the base
 factors LM_0, RM_0, F_0 (and its head) on the frozen pretrained network; task t >= 1 learns binary masks over them,
 LM_t = B(S^LM_t) ⊙ LM_0, RM_t = B(S^RM_t) ⊙ RM_0, F_t = B(S^F_t) ⊙ F_0 (B: 1[S > 5e-3], scores start at 1e-2),
-plus its head: 1/32 of RKR's per-task cost. methods.md §4.3.
+plus its head: 1/32 of RKR's per-task cost. docs/methods/taskil.md#mask-rkr.
 
 Variants of the public code (`rg`, `sfg_mode`): mask-product (PBwR: one mask over the product LM_0·RM_0),
 mask-lm / mask-rm (only LM or only RM masked, the other real per task: RMnoPB / LMnoPB), real (RGnoPB: per-task
-real factors); sfg_mode real (SFGnoPB). `rank` raised to 17 / 19 / 18 gives the seed's "Ours K+" rows."""
+real factors); sfg_mode real (SFGnoPB). `rank` raised to 17 / 19 / 18 gives the Mask-RKR paper's "Ours K+" rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass

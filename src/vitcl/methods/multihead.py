@@ -1,5 +1,5 @@
 """Multi-Head: one shared backbone and one head per task (task-IL). By default the backbone is the frozen
-pretrained one (the seed's baseline); `backbone: first-task` trains it with the first task only (the public
+pretrained one (the Mask-RKR paper's baseline); `backbone: first-task` trains it with the first task only (the public
 code's MultiHead2); `backbone: every-task` fine-tunes it on each task in turn, so old tasks' heads see a drifted
 backbone (forgetting). A backbone that is not trained stays in eval mode (BatchNorm statistics, dropout)."""
 from __future__ import annotations

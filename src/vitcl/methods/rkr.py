@@ -1,7 +1,7 @@
 """RKR, Rectification-based Knowledge Retention (Singh et al., CVPR 2021): a frozen pretrained network; each task
 learns, in every wrapped layer, a rank-K weight rectification W + LM_t·RM_t (K = 2, factors kaiming-uniform x 0.1)
 and a scale per output channel F_t (ones, after the layer: before BatchNorm in a CNN, after q, k, v, out, fc1
-(before GELU) and fc2 in a ViT), plus its own head. methods.md §4.2; per task 51,818 (ResNet-18) and 414,720
+(before GELU) and fc2 in a ViT), plus its own head. docs/methods/taskil.md#rkr; per task 51,818 (ResNet-18) and 414,720
 (ViT-B/16) parameters at K = 2."""
 from __future__ import annotations
 

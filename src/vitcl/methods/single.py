@@ -4,6 +4,7 @@ the task before)."""
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ class SingleModel(TaskILModel):
     def __init__(self, backbone: nn.Module, input_size: int | None = None):
         nn.Module.__init__(self)
         self.backbones = nn.ModuleList()
-        self.head = GrowingHead(backbone.num_features)
+        self.head = GrowingHead(typing.cast(int, backbone.num_features))
         self.input_size = input_size
         self.frozen_backbone = False
 
@@ -36,15 +37,17 @@ class SingleOptions(TaskILOptions):
 
 @register_method("single")
 class Single(TaskILMethod[SingleOptions]):
+    model: SingleModel
 
     def build_model(self) -> nn.Module:
-        model = super().build_model()
-        self.initial = model.backbone  # kept outside the model: not counted, not saved
+        model = typing.cast(TaskILModel, super().build_model())
+        self.initial: nn.Module = model.backbone  # kept outside the model: not counted, not saved
         return SingleModel(self.initial, self.opts.input_size)
 
     def begin_task(self, task) -> None:
         super().begin_task(task)
-        src = self.model.backbones[-1] if self.opts.init == "previous" and len(self.model.backbones) else self.initial
+        previous = self.opts.init == "previous" and len(self.model.backbones)
+        src: nn.Module = self.model.backbones[-1] if previous else self.initial
         self.model.backbones.append(copy.deepcopy(src).to(self.device))
 
     def trainable(self, task):

@@ -4,18 +4,28 @@ binary masks cost 1/32 of a parameter. Each method says which parameters task t 
 """
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal, TypeVar, Union
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import GrowingHead, create_backbone
-from ..models.surgery import (LayerRule, TaskParams, apply_surgery, as_rules, count_parameters, parameter_cost,
-                              set_task)
+from ..models.surgery import (
+    LayerRule,
+    TaskParams,
+    apply_surgery,
+    as_rules,
+    count_parameters,
+    freeze_task,
+    parameter_cost,
+    set_task,
+    slot_parameters,
+)
 from ..models.surgery import add_task as add_task_slots
-from ..models.surgery import freeze_task, slot_parameters
 from ..models.timm_backbone import timm_family
 from .base import Batch, Method, MethodOptions, ParamCount, Phase
 from .losses import soft_cross_entropy, task_targets
@@ -28,7 +38,7 @@ class TaskILOptions(MethodOptions):
 
 @dataclass
 class SurgeryOptions(TaskILOptions):
-    layers: list[Union[str, LayerRule]] | None = None  # layers to wrap; default: the papers' choice per backbone
+    layers: list[str | LayerRule] | None = None  # layers to wrap; default: the papers' choice per backbone
     bn: Literal["task", "shared", "frozen"] = "task"  # BatchNorm statistics: per task, shared by all, or frozen
 
 
@@ -43,7 +53,7 @@ class TaskILModel(nn.Module):
     def __init__(self, backbone: nn.Module, input_size: int | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = GrowingHead(backbone.num_features)
+        self.head = GrowingHead(typing.cast(int, backbone.num_features))
         self.input_size = input_size
         self.frozen_backbone = False
 
@@ -68,6 +78,8 @@ class TaskILModel(nn.Module):
 
 
 class TaskILMethod(Method[TO]):
+    model: TaskILModel
+
     """Base of the task-IL methods: subclasses give `trainable(task)` and may `prepare` the backbone (surgery)."""
 
     settings = frozenset({"task-il"})
