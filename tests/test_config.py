@@ -40,11 +40,24 @@ def test_defaults_are_merged_before_the_file(tmp_path):
     ("memory.per_class=5", "memory.per_class"),  # the preset also sets memory.size
     ("train.schedule=multistep", "train.milestones"),
     ("data.augment.label_smoothing=1.5", "data.augment.label_smoothing"),
+    ("train.first_task_epochs=-3", "train.first_task_epochs"),
+    ("train.first_task_epochs=0", "train.first_task_epochs"),
+    ("eval.top_k=0", "eval.top_k"),
+    ("data.image_size=0", "data.image_size"),
+    ("run.threads=0", "run.threads"),
+    ("data.train_per_class=0", "data.train_per_class"),
+    ("train.max_batches=0", "train.max_batches"),
+    ("train.eval_every=-1", "train.eval_every"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(["replay/digits-b0inc2"], [override])
     assert str(err.value).startswith(key)
+
+
+def test_null_keeps_the_default_of_an_optional_setting():
+    cfg, _ = load_config(["replay/digits-b0inc2"], ["train.first_task_epochs=null", "run.threads=null"])
+    assert cfg.train.first_task_epochs is None and cfg.run.threads is None
 
 
 def test_switching_model_replaces_its_section():
@@ -69,3 +82,21 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config([str(bad)])
+
+
+def test_duplicate_yaml_keys_name_their_line(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 4 invalid YAML \(duplicate key 'epochs' \(first on line 2\)"):
+        load_config([str(f)])
+
+
+def test_an_override_without_a_value_is_named_as_such():
+    with pytest.raises(ConfigError, match="train.epochs: looks like an override without a value"):
+        load_config(["replay/digits-b0inc2", "train.epochs"])
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ""])
+def test_run_name_stays_inside_out_dir(name):
+    with pytest.raises(ConfigError, match="^run.name: expected a folder name inside run.out_dir"):
+        load_config(["replay/digits-b0inc2"], [f"run.name='{name}'"])

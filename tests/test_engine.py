@@ -109,15 +109,34 @@ def test_resume_mid_phase_in_process_is_exact(tmp_path):
     assert res["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]
 
 
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as JSON.parse and jq do."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_cli_run_eval_report_params(tmp_path):
-    out = run_cli("run", "replay/digits-b0inc2", *TINY, "data.increment=5", f"run.out_dir={tmp_path}", "run.name=x", "-q", check=True)
+    out = run_cli("run", "replay/digits-b0inc2", *TINY, "data.increment=5", f"run.out_dir={tmp_path}", "run.name=x",
+                  "eval.analyses=[nonlocality]", "-q", check=True)
     assert "avg incremental acc" in out.stdout
     run_dir = tmp_path / "x"
-    for f in ("config.yaml", "metrics.jsonl", "results.json", "plots/accuracy.png", "plots/acc_matrix_class_il.png"):
+    for f in ("config.yaml", "metrics.jsonl", "results.json", "plots/accuracy.png", "plots/acc_matrix_class_il.png",
+              "analysis/locality.json"):
         assert (run_dir / f).exists(), f
     ev = run_cli("eval", str(run_dir), check=True)
     re_eval = json.loads((run_dir / "eval.json").read_text())
     assert re_eval["class_il"]["acc_matrix"] == _results(run_dir)["class_il"]["acc_matrix"], ev.stdout
+    # every JSON file the run wrote is strict JSON; the matrices' unfilled half is null, not NaN
+    files = [*run_dir.rglob("*.json"), *run_dir.rglob("*.jsonl")]
+    assert len(files) >= 5
+    for path in files:
+        for line in (path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]):
+            strict_json(line)
+    assert _results(run_dir)["class_il"]["acc_matrix"][0][1] is None
+    again = run_cli("resume", str(run_dir), check=True)
+    assert "all 2 tasks are done; nothing to resume" in again.stderr and "task 3/2" not in again.stderr
     rep = run_cli("report", str(run_dir), str(run_dir), check=True)
     assert rep.stdout.count("| x | replay |") == 2
     par = run_cli("params", "replay/digits-b0inc2", "--json", check=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -89,6 +88,9 @@ def cmd_resume(args) -> int:
     trainer = Trainer(cfg, run_dir, progress=not args.quiet)
     optimizer_state = trainer.restore(ckpt)
     s = trainer.state
+    if s.task >= len(trainer.scenario):
+        print(f"{run_dir}: all {len(trainer.scenario)} tasks are done; nothing to resume", file=sys.stderr)
+        return _fit_and_report(trainer, optimizer_state)
     print(f"resuming {run_dir} at task {s.task + 1}/{len(trainer.scenario)}, phase {s.phase + 1}, epoch {s.epoch}",
           file=sys.stderr)
     return _fit_and_report(trainer, optimizer_state)
@@ -108,6 +110,7 @@ def _finished_run(run_dir: Path, purpose: str):
 def cmd_eval(args) -> int:
     import torch
 
+    from .eval import jsonfile
     from .eval.report import build_results, summary_table
 
     run_dir = Path(args.run_dir)
@@ -119,7 +122,7 @@ def cmd_eval(args) -> int:
         tasks.append(ckpt["progress"]["tasks"][t])
         print(f"evaluated task_{t}.pt", file=sys.stderr)
     results = build_results(trainer.cfg, trainer.scenario, evals, tasks, trainer.method)
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
+    jsonfile.write_atomic(run_dir / "eval.json", results)
     print(summary_table(results))
     print(f"\nre-evaluation: {run_dir / 'eval.json'}")
     return 0
@@ -205,13 +208,14 @@ def millions(n: float, rounding: str = "truncate") -> str:
 
 
 def cmd_params(args) -> int:
+    from .eval import jsonfile
     from .runconfig import load_config
 
     sources, overrides = _split_args(args.items)
     cfg, _ = load_config(sources or [DEFAULT_PRESET], overrides)
     rows, scenario = param_rows(cfg)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(jsonfile.dumps(rows, indent=1))
         return 0
     print(f"{cfg.method.name} · {cfg.model.name} · {scenario.describe()}")
     pct = rows[0]["increase_pct"] is not None

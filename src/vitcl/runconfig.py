@@ -18,6 +18,7 @@ from .models import MODELS
 from .registry import Registry
 
 PRESET_DIR = Path(__file__).parent / "configs"
+SECTIONS = ("run", "data", "model", "method", "memory", "train", "eval")
 RUN_CONFIG = "config.yaml"  # in a run folder: the resolved config, with the sources and overrides it came from
 
 
@@ -41,12 +42,28 @@ def resolve_source(source: str) -> Path:
         return preset
     if path.suffix in (".yaml", ".yml"):
         raise ConfigError(f"{source}: config file not found")
+    if source.split(".")[0] in SECTIONS and "." in source and "/" not in source:
+        raise ConfigError(f"{source}: looks like an override without a value; write {source}=VALUE")
     raise ConfigError(f"{source}: no such preset or YAML file (see `vitcl presets`)")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not last-wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -151,8 +168,21 @@ def validate(cfg: Config) -> None:
     for key, count in positive.items():
         if count < 1:
             raise ConfigError(f"{key}: expected a positive integer, got {count}")
+    # settings whose "unset" is null: a value given must be in range (0 is not a way to say "unset")
+    positive_or_null = {
+        "train.first_task_epochs": t.first_task_epochs, "train.max_batches": t.max_batches,
+        "train.lr_scale_batch": t.lr_scale_batch, "run.threads": cfg.run.threads, "data.image_size": d.image_size,
+        "data.train_per_class": d.train_per_class, "data.test_per_class": d.test_per_class,
+        "eval.top_k": cfg.eval.top_k,
+    }
+    for key, maybe in positive_or_null.items():
+        if maybe is not None and maybe < 1:
+            raise ConfigError(f"{key}: expected a positive integer (or null for the default), got {maybe}")
     at_least_zero: dict[str, float] = {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "memory.size": m.size,
-                                       "memory.per_class": m.per_class, "train.warmup_epochs": t.warmup_epochs}
+                                       "memory.per_class": m.per_class, "train.warmup_epochs": t.warmup_epochs,
+                                       "train.eval_every": t.eval_every, "data.num_workers": d.num_workers,
+                                       "eval.analysis_images": cfg.eval.analysis_images,
+                                       "train.first_task_lr": t.first_task_lr or 0.0}
     for key, value in at_least_zero.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value}")
@@ -162,6 +192,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size {t.batch_size}")
     if t.schedule == "multistep" and not t.milestones:
         raise ConfigError("train.milestones: the multistep schedule needs a list of epochs")
+    name = cfg.run.name
+    if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
+        raise ConfigError(f"run.name: expected a folder name inside run.out_dir (no '/' and not '..'), got {name!r}")
     if d.channels not in (None, 1, 3):
         raise ConfigError(f"data.channels: expected 1 or 3, got {d.channels}")
     inc = d.increment if isinstance(d.increment, list) else [d.increment]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import resource
@@ -25,6 +24,7 @@ from ..data.augment import BatchAugment, mix_batch
 from ..data.build import build_scenario
 from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
 from ..errors import ConfigError, TrainingError
+from ..eval import jsonfile
 from ..eval.evaluator import evaluate
 from ..eval.locality import HeldoutBatch, analyse_task, heldout_batch, summarise
 from ..eval.report import build_results
@@ -152,7 +152,7 @@ class Trainer:
     def log_metrics(self, record: dict) -> None:
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(jsonfile.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ resume
     def restore(self, ckpt: dict) -> dict | None:
@@ -370,7 +370,5 @@ def task_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def write_results(run_dir: Path, results: dict) -> None:
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(run_dir / "results.json")
+    jsonfile.write_atomic(run_dir / "results.json", results)
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import jsonfile
+
 ANALYSES = ("nonlocality", "spectrum", "heatmaps")
 HELDOUT_SEED = 0  # the held-out batch does not depend on run.seed: runs with other seeds see the same images
 
@@ -258,9 +260,7 @@ def summarise(out_dir: Path, label: str = "") -> dict | None:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
+    jsonfile.write_atomic(path, doc)
 
 
 # --------------------------------------------------------------------------------------------- plots
