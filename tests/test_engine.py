@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,24 @@ def test_bad_input_is_one_line_and_exit_code_2(args, needle):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_clears_stale_files(tmp_path):
+    args = ["replay/digits-b0inc2", *TINY, "data.increment=10", f"run.out_dir={tmp_path}"]
+    run_cli("run", *args, "run.name=full", "-q", check=True)
+    run_cli("run", *args, "run.name=cut", "-q", check=True)
+    cut = tmp_path / "cut"
+    shutil.rmtree(cut / "checkpoints")  # as if killed before the first checkpoint: only config.yaml was written
+    (cut / "results.json").unlink()
+    (cut / "checkpoints").mkdir()
+    stale = [cut / "checkpoints" / "last.ptab12.tmp", cut / "results.json.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    res = run_cli("resume", str(cut), "-q", check=True)
+    assert "starting it from the beginning" in res.stderr
+    assert not any(p.exists() for p in stale)
+    assert _results(cut)["class_il"]["acc_matrix"] == _results(tmp_path / "full")["class_il"]["acc_matrix"]
+    assert (cut / "metrics.jsonl").read_text().count("task_end") == 1
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

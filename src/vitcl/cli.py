@@ -84,7 +84,15 @@ def cmd_resume(args) -> int:
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir).config
-    ckpt = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    for stale in [*run_dir.glob("*.tmp"), *run_dir.glob("checkpoints/*.tmp"), *run_dir.glob("analysis/*.tmp")]:
+        stale.unlink()  # a write interrupted by the kill; the file it was replacing is intact
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists() and not list(run_dir.glob("checkpoints/task_*.pt")):
+        # stopped before its first checkpoint: nothing was kept but the config, so the run starts over
+        print(f"{run_dir}: stopped before its first checkpoint; starting it from the beginning", file=sys.stderr)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return _fit_and_report(Trainer(cfg, run_dir, progress=not args.quiet), None)
+    ckpt = checkpoint.load(last)
     trainer = Trainer(cfg, run_dir, progress=not args.quiet)
     optimizer_state = trainer.restore(ckpt)
     s = trainer.state
