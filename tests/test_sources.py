@@ -123,12 +123,19 @@ def test_idx_dataset_level_checks_name_the_file(tmp_path):
 
 def test_missing_files_say_where_and_how(tmp_path):
     with pytest.raises(DataError) as err:
-        get_source("fashion-mnist").load(str(tmp_path / "data"), train=True)
+        get_source("fashion-mnist").load(None, train=True)
     msg = str(err.value)
     assert "\n" not in msg
-    for part in (str(tmp_path / "data" / "fashion-mnist"), str(tmp_path / "system" / "fashion-mnist"),
+    for part in (str(tmp_path / "system" / "fashion-mnist"), str(tmp_path / "cache" / "vitcl" / "fashion-mnist"),
                  "apt-get install dataset-fashion-mnist", "data.download=true", "train-images-idx3-ubyte"):
         assert part in msg, part
+    with pytest.raises(DataError) as err:
+        get_source("fashion-mnist").load(str(tmp_path / "data"), train=True)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "system") not in msg  # a given root is the only place looked in
+    assert f"data.root={tmp_path / 'data'}" in msg and f"{tmp_path / 'data'} does not exist" in msg
+    assert f"data.download=true to fetch it from http://fashion-mnist" in msg
+    assert f"into {tmp_path / 'data' / 'fashion-mnist'}" in msg
     with pytest.raises(DataError, match="cifar100: files not found.*cifar-100-python/train.*data.download=true"):
         get_source("cifar100").load(None, train=True)
 
@@ -350,7 +357,7 @@ def test_imagefolder_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match=r"train.txt:2: expected 'relative/path label'"):
         src.load(str(root), train=True)
     (root / "train.txt").write_text("train/a/0.png 0\ntrain/b/9.png 1\n")
-    with pytest.raises(DataError, match=r"train.txt: image train/b/9.png \(last line\) not found"):
+    with pytest.raises(DataError, match=r"train.txt:2: image train/b/9.png not found under"):
         src.load(str(root), train=True)
     (root / "train.txt").write_text("nope/a/0.png 0\n")
     with pytest.raises(DataError, match=r"train.txt:1: image nope/a/0.png not found"):

@@ -17,7 +17,7 @@ def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:
     if cfg.datasets:
         return _dataset_sequence(cfg, shapes_only)
     source = get_source(cfg.dataset)
-    train, test = _load_pair(source, cfg, shapes_only)
+    train, test, record = _load_pair(source, cfg, shapes_only)
     size = cfg.image_size or source.image_size
     channels = cfg.channels or source.channels
     train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
@@ -28,6 +28,7 @@ def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:
     names = train.class_names or [str(c) for c in range(n)]
     scenario = Scenario(train, test, order, increments, cfg.setting, [names[c] for c in order])
     scenario.mean, scenario.std = _stats(source, channels)
+    scenario.data_record = [record] if record else []
     return scenario
 
 
@@ -39,9 +40,11 @@ def _dataset_sequence(cfg: DataConfig, shapes_only: bool) -> Scenario:
     size = cfg.image_size or max(s.image_size for s in sources)
     channels = cfg.channels or max(s.channels for s in sources)
     trains, tests, names, shift = [], [], [], 0
-    counts = []
+    counts, records = [], []
     for s in sources:
-        train, test = _load_pair(s, cfg, shapes_only)
+        train, test, record = _load_pair(s, cfg, shapes_only)
+        if record:
+            records.append(record)
         train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
         n = s.count_classes(cfg.root)
         trains.append(_shift(train, shift))
@@ -52,6 +55,7 @@ def _dataset_sequence(cfg: DataConfig, shapes_only: bool) -> Scenario:
     train, test = _concat(trains), _concat(tests)
     scenario = Scenario(train, test, list(range(shift)), counts, cfg.setting, names, [s.name for s in sources])
     scenario.mean, scenario.std = (0.5,) * channels, (0.5,) * channels  # no single source's statistics apply
+    scenario.data_record = records
     return scenario
 
 
@@ -62,18 +66,39 @@ def _stats(source, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]
     return (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
 
 
-def _load_pair(source, cfg: DataConfig, shapes_only: bool = False) -> tuple[ImageSet, ImageSet]:
+def _load_pair(source, cfg: DataConfig, shapes_only: bool = False) -> tuple[ImageSet, ImageSet, dict | None]:
+    """The train and test sets of a source (cut to data.*_per_class) and the record of what was read."""
     if shapes_only:
         empty = ImageSet(torch.empty(0, dtype=torch.long),
                          torch.empty(0, source.channels, source.image_size, source.image_size, dtype=torch.uint8))
-        return empty, empty
-    train = source.load(cfg.root, train=True, download=cfg.download)
-    test = source.load(cfg.root, train=False, download=cfg.download)
+        return empty, empty, None
+    loaded = {"train": source.load(cfg.root, train=True, download=cfg.download),
+              "test": source.load(cfg.root, train=False, download=cfg.download)}
+    used = dict(loaded)
     if cfg.train_per_class:
-        train = train.subset(per_class_head(train.targets, cfg.train_per_class))
+        used["train"] = loaded["train"].subset(per_class_head(loaded["train"].targets, cfg.train_per_class))
     if cfg.test_per_class:
-        test = test.subset(per_class_head(test.targets, cfg.test_per_class))
-    return train, test
+        used["test"] = loaded["test"].subset(per_class_head(loaded["test"].targets, cfg.test_per_class))
+    return used["train"], used["test"], _record(source, cfg, loaded, used)
+
+
+def _record(source, cfg: DataConfig, loaded: dict[str, ImageSet], used: dict[str, ImageSet]) -> dict:
+    """One dataset's entry of the run's data record: where it was read from, every file read (each once) and the
+    images per split, as loaded and as used."""
+    record: dict = {"dataset": source.name, "root": cfg.root, "folder": None, "files": [], "splits": {}}
+    seen = set()
+    for split, images in loaded.items():
+        prov = dict(images.provenance or {})
+        record["folder"] = record["folder"] or prov.pop("folder", None)
+        prov.pop("folder", None)
+        for f in prov.pop("files", []):
+            if f["path"] not in seen:
+                seen.add(f["path"])
+                record["files"].append(f)
+        if "embedded" in prov:
+            record["embedded"] = prov.pop("embedded")
+        record["splits"][split] = {**prov, "images": len(images), "used": len(used[split])}
+    return record
 
 
 def _fit(images: ImageSet, size: int, channels: int, mode: str) -> ImageSet:

@@ -19,6 +19,9 @@ class ImageSet:
     class_names: list[str] = field(default_factory=list)
     image_size: int = 0
     channels: int = 0
+    # what the source read (folder, files with size and md5, image count), for the run's data record; views and
+    # fitted copies do not carry it, the builder takes it from the sets the source returned
+    provenance: dict | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.images is None and self.read is None:

@@ -46,6 +46,7 @@ class Scenario:
         self.setting = setting
         self.class_names = class_names or [str(c) for c in class_order]
         self.names = names  # dataset name of each task, for sequences of datasets
+        self.data_record: list[dict] = []  # per dataset, what was read (set by the builder; see build._record)
         self.mean: tuple[float, ...] = (0.5,) * max(train.channels, 1)  # normalisation, set by the builder
         self.std: tuple[float, ...] = (0.5,) * max(train.channels, 1)
         n_source = max([max(class_order)] + [int(s.targets.max()) for s in (train, test) if len(s)]) + 1

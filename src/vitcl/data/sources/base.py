@@ -1,15 +1,16 @@
 """The source interface: a dataset in its standard on-disk format, read into an ImageSet.
 
-Where a source looks for its files, in this order (the first folder that holds them all wins):
-1. `<data.root>/<name>` (and `<data.root>/<alias>`), then `<data.root>` itself;
-2. `$VITCL_DATA/<name>` when that variable is set;
-3. `/usr/share/datasets/<name>` (where Debian's `dataset-*` packages install);
-4. `~/.cache/vitcl/<name>`, where downloads go when no data.root is given.
+Where a source looks for its files (the first folder that holds them all wins):
+- with data.root set, only under it: `<data.root>/<name>` (and `<data.root>/<alias>`), then `<data.root>` itself.
+  A root that lacks the files is an error naming what is missing, never a silent fall-back to another copy;
+- without data.root, the search path: `$VITCL_DATA/<name>` when that variable is set, then
+  `/usr/share/datasets/<name>` (where Debian's `dataset-*` packages install), then `~/.cache/vitcl/<name>`.
 When none holds them and `data.download=true`, a source with official addresses downloads them (checked against
 their md5) into `<data.root>/<name>`, or into the cache when no root is given.
 
 Files found on disk are not checked against the md5 of the official archives: repackaged copies (Debian's are
-recompressed) are fine as long as their content parses; each reader validates what it reads.
+recompressed) are fine as long as their content parses; each reader validates what it reads. What a load read is
+kept on the ImageSet (`provenance`: the folder, and path, size and md5 of each file) so that a run can record it.
 """
 from __future__ import annotations
 
@@ -61,14 +62,15 @@ class Source:
         """Candidate dataset folders, in lookup order."""
         names = (self.name, *self.aliases)
         paths: list[Path] = []
-        if root:
+        if root:  # a root given by the user is the only place looked in
             base = Path(root).expanduser()
             paths += [base / n for n in names] + [base]
-        env = os.environ.get("VITCL_DATA")
-        if env:
-            paths += [Path(env).expanduser() / n for n in names]
-        paths += [SYSTEM_DIR / n for n in names]
-        paths.append(self.cache_dir())
+        else:
+            env = os.environ.get("VITCL_DATA")
+            if env:
+                paths += [Path(env).expanduser() / n for n in names]
+            paths += [SYSTEM_DIR / n for n in names]
+            paths.append(self.cache_dir())
         out: list[Path] = []
         for p in paths:
             if p not in out:
@@ -86,24 +88,50 @@ class Source:
         """Whether folder `path` holds everything this source reads."""
         return bool(self.files) and all((path / f).is_file() for f in self.files)
 
+    def missing_files(self, path: Path) -> list[str]:
+        """The files of `files` that folder `path` lacks, as named in messages."""
+        return [f for f in self.files if not (path / f).is_file()]
+
     def locate(self, root: str | None) -> Path | None:
         for path in self.search_paths(root):
             if path.is_dir() and self.complete(path):
                 return path
         return None
 
-    def get_hint(self) -> str:
+    def get_hint(self, root: str | None = None) -> str:
         """How to obtain the files, in one sentence."""
         hint = self.how_to_get.rstrip(", ")
         if self.remotes:
             where = self.remotes[0].url.rsplit("/", 1)[0]
-            hint = (hint + ", or " if hint else "") + f"run with data.download=true to fetch it from {where}"
+            hint = (hint + ", or " if hint else "") + (f"run with data.download=true to fetch it from {where} "
+                                                       f"into {self.download_dir(root)}")
         return hint or "place the files there"
 
     def missing_message(self, root: str | None) -> str:
+        if root:
+            return self._missing_under_root(root)
         where = ", ".join(str(p) for p in self.search_paths(root))
         need = f" (expected {', '.join(self.files)})" if self.files else ""
         return f"{self.name}: files not found{need}; looked in {where}; {self.get_hint()}"
+
+    def _missing_under_root(self, root: str) -> str:
+        """What a given data.root lacks: the candidate folder closest to complete and its missing files."""
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            what = f"{base} {'is not a folder' if base.exists() else 'does not exist'}"
+        else:
+            folders = [p for p in self.search_paths(root) if p.is_dir()]
+            best = min(folders, key=lambda p: len(self.missing_files(p)))
+            others = [str(p) for p in self.search_paths(root) if p != best and p not in folders]
+            what = f"{best} lacks {', '.join(self.missing_files(best))}"
+            if others:
+                what += f" ({', '.join(others)} {'does' if len(others) == 1 else 'do'} not exist)"
+        hint = self.get_hint(root)
+        elsewhere = self.locate(None)
+        if elsewhere is not None:
+            hint += f", or leave data.root unset to read the copy at {elsewhere}"
+        return (f"{self.name}: files not found under data.root={root} (the only place looked in when data.root is "
+                f"set): {what}; {hint}")
 
     def require(self, root: str | None, download: bool = False) -> Path:
         found = self.locate(root)
@@ -192,6 +220,12 @@ def _exclusive(lock_path: Path):
         finally:
             lock_path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_record(path: Path) -> dict:
+    """Path, size and md5 of a file a source read, for the run's data record; md5 so that it compares with the
+    checksums data sets publish."""
+    return {"path": os.path.abspath(path), "bytes": path.stat().st_size, "md5": md5sum(path)}
 
 
 def md5sum(path: Path, chunk: int = 1 << 20) -> str:

@@ -5,8 +5,9 @@ Layout, as the official tarballs unpack:
     cifar-100-python/     train, test, meta (fine_label_names, coarse_label_names)
 Each batch is a dict with `data` (N x 3072 uint8: the red, green and blue 32x32 planes, row-major) and `labels`
 (CIFAR-10) or `fine_labels` / `coarse_labels` (CIFAR-100; the fine labels are used). The folders are found under
-`<data.root>/<name>/`, directly under `<data.root>` (torchvision's layout), under `/usr/share/datasets/<name>`, or
-are downloaded from the official address (md5-checked) and unpacked when data.download=true.
+`<data.root>/<name>/` or directly under `<data.root>` (torchvision's layout) when data.root is given, else under
+`/usr/share/datasets/<name>` and the other places of the search path, or are downloaded from the official
+address (md5-checked) and unpacked when data.download=true.
 
 The pickles are read with an unpickler that only accepts what these files contain (dicts, lists, strings,
 numbers and numpy arrays), so a tampered file cannot run code.
@@ -21,7 +22,7 @@ import torch
 
 from ...errors import DataError
 from ..dataset import ImageSet
-from .base import Remote, Source, extract_tar, register
+from .base import Remote, Source, extract_tar, file_record, register
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -85,16 +86,25 @@ class CifarSource(Source):
     def complete(self, path: Path) -> bool:
         return self._base(path) is not None
 
+    def missing_files(self, path: Path) -> list[str]:
+        names = self.train_files + self.test_files
+        lacks = [[f"{prefix}{f}" for f in names if not (base / f).is_file()]
+                 for base, prefix in ((path / self.subdir, f"{self.subdir}/"), (path, ""))]
+        return min(lacks, key=len)
+
     def unpack(self, archive: Path, dest: Path) -> None:
         extract_tar(archive, dest)
 
     def load(self, root, train, download=False):
-        base = self._base(self.require(root, download))
-        images, labels = [], []
+        folder = self.require(root, download)
+        base = self._base(folder)
+        assert base is not None  # require() returns complete folders only
+        images, labels, read = [], [], []
         for name in self.train_files if train else self.test_files:
             x, y = self._read_batch(base / name)
             images.append(x)
             labels.append(y)
+            read.append(base / name)
         x, y = np.concatenate(images), np.concatenate(labels)
         meta = base / self.meta_file
         names = [str(c) for c in range(self.num_classes)]
@@ -103,7 +113,9 @@ class CifarSource(Source):
             if not isinstance(found, (list, tuple)) or len(found) != self.num_classes:
                 raise DataError(f"{meta}: expected '{self.names_key}' with {self.num_classes} class names")
             names = _names(found)
-        return ImageSet(torch.from_numpy(y), torch.from_numpy(x), class_names=names)
+            read.append(meta)
+        provenance = {"folder": str(folder), "files": [file_record(f) for f in read], "images": len(y)}
+        return ImageSet(torch.from_numpy(y), torch.from_numpy(x), class_names=names, provenance=provenance)
 
     def _read_batch(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         batch = read_pickle(path)

@@ -22,6 +22,7 @@ class Digits(Source):
         return "embedded in scikit-learn"
 
     def load(self, root, train, download=False):
+        import sklearn
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
@@ -33,4 +34,8 @@ class Digits(Source):
             idx = (targets == c).nonzero().flatten()
             test[idx[: int(round(len(idx) * self.test_fraction))]] = True
         keep = ~test if train else test
-        return ImageSet(targets[keep], torch.from_numpy(images)[keep], class_names=[str(i) for i in range(10)])
+        provenance = {"folder": None, "files": [], "embedded": {"package": "scikit-learn",
+                                                                "version": sklearn.__version__},
+                      "images": int(keep.sum())}
+        return ImageSet(targets[keep], torch.from_numpy(images)[keep], class_names=[str(i) for i in range(10)],
+                        provenance=provenance)

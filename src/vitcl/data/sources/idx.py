@@ -4,9 +4,9 @@ Each dataset is four files, gzipped (`train-images-idx3-ubyte.gz`, ...) or raw (
     train-images-idx3-ubyte  train-labels-idx1-ubyte  t10k-images-idx3-ubyte  t10k-labels-idx1-ubyte
 IDX format: two zero bytes, a type byte (0x08 = uint8, ...), the number of dimensions, then each dimension as a
 big-endian uint32, then the data, big-endian, row-major. Files are found as described in `base.py`: under
-data.root, then `/usr/share/datasets/<name>` (Debian: `apt-get install dataset-fashion-mnist`), else downloaded
-from the official address with its md5 when data.download=true. torchvision's layout (`<root>/MNIST/raw/...`)
-is found too.
+data.root when it is given, else in `/usr/share/datasets/<name>` (Debian: `apt-get install dataset-fashion-mnist`)
+and the other places of the search path, else downloaded from the official address with its md5 when
+data.download=true. torchvision's layout (`<root>/MNIST/raw/...`) is found too.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from ...errors import DataError
 from ..dataset import ImageSet
-from .base import Remote, Source, register
+from .base import Remote, Source, file_record, register
 
 # type byte -> numpy dtype (big-endian), as in the IDX specification
 IDX_TYPES: dict[int, np.dtype] = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
@@ -81,6 +81,9 @@ class IdxSource(Source):
     def complete(self, path: Path) -> bool:
         return all(self._file(path, n) is not None for pair in self.splits.values() for n in pair)
 
+    def missing_files(self, path: Path) -> list[str]:
+        return [f"{n}[.gz]" for pair in self.splits.values() for n in pair if self._file(path, n) is None]
+
     @staticmethod
     def _file(path: Path, stem: str) -> Path | None:
         for name in (f"{stem}.gz", stem):
@@ -103,8 +106,10 @@ class IdxSource(Source):
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise DataError(f"{label_file}: labels must lie in 0..{self.num_classes - 1}, found "
                             f"{int(labels.min())}..{int(labels.max())}")
-        return ImageSet(torch.from_numpy(labels.astype(np.int64)),
-                        torch.from_numpy(images.copy())[:, None], class_names=list(self.class_names))
+        provenance = {"folder": str(folder), "files": [file_record(image_file), file_record(label_file)],
+                      "images": len(labels)}
+        return ImageSet(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(images.copy())[:, None],
+                        class_names=list(self.class_names), provenance=provenance)
 
 
 def _remotes(base: str, md5s: dict[str, str], mirrors: tuple[str, ...] = ()) -> tuple[Remote, ...]:
