@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import VitclError
 from .dataset import ImageSet, fit_images
 
 
@@ -79,5 +80,23 @@ class BatchStream:
         loader = DataLoader(_Lazy(self.images), batch_sampler=[b.tolist() for b in batches],
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
-        for idx, x in zip(batches, loader):
-            yield x.to(self.device, non_blocking=True), idx
+        try:
+            for idx, x in zip(batches, loader):
+                yield x.to(self.device, non_blocking=True), idx
+        except VitclError as exc:
+            raise unwrap_worker_error(exc) from None
+
+
+def unwrap_worker_error(exc: VitclError) -> VitclError:
+    """The user error a DataLoader worker raised, with its own one-line message.
+
+    torch re-raises a worker's exception in the main process as `type(exc)(msg)`, where msg is "Caught DataError in
+    DataLoader worker process 0.\nOriginal Traceback ...": the original message is the last line of that traceback,
+    after the exception's qualified name."""
+    text = str(exc)
+    if "\n" not in text:
+        return exc
+    cls = type(exc)
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return cls(lines[-1][len(prefix):]) if lines else exc
