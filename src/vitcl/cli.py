@@ -35,6 +35,7 @@ def _run_dir(cfg, sources: list[str]) -> Path:
 def cmd_run(args) -> int:
     from .data import distributed as dist
     from .engine.trainer import Trainer
+    from .eval import jsonfile
     from .runconfig import load_config, save_run_config
 
     sources, overrides = _split_args(args.items)
@@ -50,6 +51,7 @@ def cmd_run(args) -> int:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(run_dir, cfg, sources, overrides)
+        jsonfile.write_atomic(run_dir / "data.json", {"datasets": trainer.scenario.data_record})
         print(f"run folder: {run_dir}", file=sys.stderr)
         data = cfg.data.datasets or cfg.data.dataset
         print(f"{cfg.method.name} · {cfg.model.name} · {data} · {trainer.scenario.describe()} · device {trainer.device}"
@@ -245,11 +247,17 @@ def cmd_datasets(args) -> int:
 
     from .data.sources import SOURCES, get_source
 
+    if args.verify:
+        return _verify_dataset(args.verify, args.data_root, args.workers)
     width = max(60, min(shutil.get_terminal_size((100, 20)).columns, 110))
     indent = " " * 4
     root = args.data_root
-    print(f"Data sources. Each looks in <data.root>/<name> first (data.root=DIR in a run, --data-root DIR here; "
-          f"now {'DIR=' + root if root else 'not set'}), then in the places listed.")
+    if root:
+        print(f"Data sources, looked for only under DIR={root} (as data.root=DIR does in a run): <DIR>/<name>, "
+              f"then DIR itself.")
+    else:
+        print("Data sources, looked for in the places listed (a run with data.root=DIR, or --data-root DIR here, "
+              "looks only under DIR).")
     for name in SOURCES.names():
         src = get_source(name)
         if src.name != name:  # an alias: listed with its source
@@ -266,10 +274,38 @@ def cmd_datasets(args) -> int:
         where = ", ".join(str(p) for p in paths) if paths else "nowhere until data.root is set"
         print(textwrap.fill(f"looks in: {where}", width, initial_indent=indent, subsequent_indent=indent + "    ",
                             break_on_hyphens=False))
-        hint = src.get_hint()
+        hint = src.get_hint(root)
         if hint:
             print(textwrap.fill(f"to get it: {hint}", width, initial_indent=indent, subsequent_indent=indent + "    ",
                                 break_on_hyphens=False))
+    return 0
+
+
+def _verify_dataset(name: str, root: str | None, workers: int) -> int:
+    """Decode every image of data set `name` once; list the failures on stdout. Exit 1 when any file fails."""
+    from .data.sources import get_source
+    from .data.verify import verify
+
+    source = get_source(name, "--verify")
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(split: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and (not tty or now - last[0] < 0.2):
+            return
+        last[0] = now
+        filled = int(30 * done / max(total, 1))
+        bar = f"{source.name} {split:<5} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+        print(("\r" + bar) if tty else bar, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+    checked, failures = verify(source, root, workers, progress)
+    for message in failures:
+        print(f"FAILED {message}")
+    if failures:
+        print(f"{source.name}: {len(failures)} failure(s) in {checked} images checked")
+        return 1
+    print(f"{source.name}: all {checked} images decode")
     return 0
 
 
@@ -312,7 +348,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the (M) column: truncated like DyTox's tables (default) or rounded like the Mask-RKR table")
     r.set_defaults(fn=cmd_params)
     r = sub.add_parser("datasets", help="list data sources and whether their files are found")
-    r.add_argument("--data-root", default=None)
+    r.add_argument("--data-root", default=None, help="look only under this folder, as data.root does in a run")
+    r.add_argument("--verify", metavar="NAME", default=None,
+                   help="decode every image of data set NAME once and list the files that fail (exit 1 if any)")
+    r.add_argument("--workers", type=int, default=2, help="decoding processes for --verify (default: 2)")
     r.set_defaults(fn=cmd_datasets)
     r = sub.add_parser("presets", help="list the preset configs")
     r.set_defaults(fn=cmd_presets)

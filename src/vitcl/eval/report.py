@@ -97,16 +97,48 @@ def load_results(run_dir: Path) -> dict:
         raise VitclError(f"{path}: corrupt results file ({exc.msg} at line {exc.lineno})") from None
 
 
+def short_path(path: str, keep: int = 3) -> str:
+    """A path for a table cell: the home folder as ~, and only the last `keep` parts of a deep path."""
+    home = str(Path.home())
+    if path == home or path.startswith(home.rstrip("/") + "/"):
+        path = "~" + path[len(home):]
+    parts = Path(path).parts
+    if len(parts) > keep + 1:
+        return "…/" + "/".join(parts[-keep:])
+    return path
+
+
+def data_source(run_dir: Path) -> str:
+    """Each dataset of a run and where it was read from, from its data.json ("-" for runs made before it)."""
+    path = Path(run_dir) / "data.json"
+    if not path.exists():
+        return "-"
+    try:
+        datasets = json.loads(path.read_text())["datasets"]
+        cells = []
+        for d in datasets:
+            embedded = d.get("embedded")
+            if embedded:
+                where = f"{embedded['package']} {embedded['version']}"
+            else:
+                where = short_path(d["folder"]) if d.get("folder") else "?"
+            cells.append(f"{d['dataset']} ({where})")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise VitclError(f"{path}: corrupt data record ({exc})") from None
+    return " + ".join(cells).replace("|", "\\|") or "-"
+
+
 def comparison_table(run_dirs: list[Path]) -> str:
-    rows = ["| run | method | scenario | tasks | CIL avg | CIL last | CIL forg. | TIL avg | TIL last | TIL forg. "
-            "| #P final | time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | method | data | scenario | tasks | CIL avg | CIL last | CIL forg. | TIL avg | TIL last "
+            "| TIL forg. | #P final | time (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in run_dirs:
         r = load_results(d)
         cil, til = r.get("class_il") or {}, r.get("task_il") or {}
         secs = sum(t["seconds"] for t in r["tasks"])
         params = r.get("params", {}).get("final")
-        rows.append(f"| {Path(d).name} | {r['method']} | {r['scenario']} | {r['tasks_done']}/{r['num_tasks']} "
+        rows.append(f"| {Path(d).name} | {r['method']} | {data_source(d)} | {r['scenario']} "
+                    f"| {r['tasks_done']}/{r['num_tasks']} "
                     f"| {_fmt(cil.get('avg_incremental'))} | {_fmt(cil.get('last'))} | {_fmt(cil.get('forgetting'))} "
                     f"| {_fmt(til.get('avg_incremental'))} | {_fmt(til.get('last'))} | {_fmt(til.get('forgetting'))} "
                     f"| {f'{params / 1e6:.2f}M' if params else '-'} | {secs:.0f} |")
