@@ -134,7 +134,7 @@ def test_missing_files_say_where_and_how(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and str(tmp_path / "system") not in msg  # a given root is the only place looked in
     assert f"data.root={tmp_path / 'data'}" in msg and f"{tmp_path / 'data'} does not exist" in msg
-    assert f"data.download=true to fetch it from http://fashion-mnist" in msg
+    assert "data.download=true to fetch it from http://fashion-mnist" in msg
     assert f"into {tmp_path / 'data' / 'fashion-mnist'}" in msg
     with pytest.raises(DataError, match="cifar100: files not found.*cifar-100-python/train.*data.download=true"):
         get_source("cifar100").load(None, train=True)

@@ -274,6 +274,9 @@ def cmd_datasets(args) -> int:
         where = ", ".join(str(p) for p in paths) if paths else "nowhere until data.root is set"
         print(textwrap.fill(f"looks in: {where}", width, initial_indent=indent, subsequent_indent=indent + "    ",
                             break_on_hyphens=False))
+        if root and paths:
+            print(textwrap.fill(f"missing: {src.shortfall(root)}", width, initial_indent=indent,
+                                subsequent_indent=indent + "    ", break_on_hyphens=False))
         hint = src.get_hint(root)
         if hint:
             print(textwrap.fill(f"to get it: {hint}", width, initial_indent=indent, subsequent_indent=indent + "    ",

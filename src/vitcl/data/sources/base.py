@@ -114,18 +114,21 @@ class Source:
         need = f" (expected {', '.join(self.files)})" if self.files else ""
         return f"{self.name}: files not found{need}; looked in {where}; {self.get_hint()}"
 
-    def _missing_under_root(self, root: str) -> str:
+    def shortfall(self, root: str) -> str:
         """What a given data.root lacks: the candidate folder closest to complete and its missing files."""
         base = Path(root).expanduser()
         if not base.is_dir():
-            what = f"{base} {'is not a folder' if base.exists() else 'does not exist'}"
-        else:
-            folders = [p for p in self.search_paths(root) if p.is_dir()]
-            best = min(folders, key=lambda p: len(self.missing_files(p)))
-            others = [str(p) for p in self.search_paths(root) if p != best and p not in folders]
-            what = f"{best} lacks {', '.join(self.missing_files(best))}"
-            if others:
-                what += f" ({', '.join(others)} {'does' if len(others) == 1 else 'do'} not exist)"
+            return f"{base} {'is not a folder' if base.exists() else 'does not exist'}"
+        folders = [p for p in self.search_paths(root) if p.is_dir()]
+        best = min(folders, key=lambda p: len(self.missing_files(p)))
+        others = [str(p) for p in self.search_paths(root) if p != best and p not in folders]
+        what = f"{best} lacks {', '.join(self.missing_files(best))}"
+        if others:
+            what += f" ({', '.join(others)} {'does' if len(others) == 1 else 'do'} not exist)"
+        return what
+
+    def _missing_under_root(self, root: str) -> str:
+        what = self.shortfall(root)
         hint = self.get_hint(root)
         elsewhere = self.locate(None)
         if elsewhere is not None:

@@ -14,6 +14,7 @@ numbers and numpy arrays), so a tampered file cannot run code.
 """
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -114,7 +115,7 @@ class CifarSource(Source):
                 raise DataError(f"{meta}: expected '{self.names_key}' with {self.num_classes} class names")
             names = _names(found)
             read.append(meta)
-        provenance = {"folder": str(folder), "files": [file_record(f) for f in read], "images": len(y)}
+        provenance = {"folder": os.path.abspath(folder), "files": [file_record(f) for f in read], "images": len(y)}
         return ImageSet(torch.from_numpy(y), torch.from_numpy(x), class_names=names, provenance=provenance)
 
     def _read_batch(self, path: Path) -> tuple[np.ndarray, np.ndarray]:

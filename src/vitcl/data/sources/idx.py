@@ -11,6 +11,7 @@ data.download=true. torchvision's layout (`<root>/MNIST/raw/...`) is found too.
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class IdxSource(Source):
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise DataError(f"{label_file}: labels must lie in 0..{self.num_classes - 1}, found "
                             f"{int(labels.min())}..{int(labels.max())}")
-        provenance = {"folder": str(folder), "files": [file_record(image_file), file_record(label_file)],
+        provenance = {"folder": os.path.abspath(folder), "files": [file_record(image_file), file_record(label_file)],
                       "images": len(labels)}
         return ImageSet(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(images.copy())[:, None],
                         class_names=list(self.class_names), provenance=provenance)

@@ -130,8 +130,8 @@ class ImageFolderSource(Source):
             read, tree = [], train_src if train else test_src
         if not self.num_classes:
             self.num_classes = len(names)
-        provenance = {"folder": str(folder), "files": [file_record(f) for f in read], "layout": kind,
-                      "tree": str(tree), "images": len(paths), "classes": len(names),
+        provenance = {"folder": os.path.abspath(folder), "files": [file_record(f) for f in read], "layout": kind,
+                      "tree": os.path.abspath(tree), "images": len(paths), "classes": len(names),
                       "listing_sha256": _listing_sha256(folder, paths, sizes)}
         return ImageSet(torch.from_numpy(labels), None, ImageFiles(paths), class_names=names,
                         image_size=self.image_size, channels=self.channels, provenance=provenance)
