@@ -109,3 +109,28 @@ def make_image_tree(folder: Path, classes=("cat", "dog", "owl"), per_class=(3, 2
             for i in range(n):
                 write_png(Path(folder) / split / name / f"{i}.png", colour_of(label, i))
     return Path(folder)
+
+
+def write_jpeg(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (8, 8), truncate: int = 0) -> Path:
+    """A JPEG of one colour; truncate > 0 keeps only its first `truncate` bytes (a download cut short)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[:truncate] if truncate else data)
+    return path
+
+
+def make_jpeg_tree(folder: Path, classes=("a", "b"), per_class=(4, 2), broken: str | None = None) -> Path:
+    """folder/train/<class>/<i>.jpg and folder/test/<class>/<i>.jpg; `broken`, a path relative to folder, is
+    written truncated to its first 200 bytes (the header decodes, the image data does not)."""
+    for split, n in zip(("train", "test"), per_class):
+        for label, name in enumerate(classes):
+            for i in range(n):
+                rel = f"{split}/{name}/{i}.jpg"
+                write_jpeg(Path(folder) / rel, colour_of(label, i), truncate=200 if rel == broken else 0)
+    return Path(folder)

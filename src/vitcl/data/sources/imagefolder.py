@@ -184,8 +184,9 @@ class ImageFolderSource(Source):
             raise DataError(f"{train_list}: no images of labels {absent[:5]} (expected every label 0..{n - 1})")
         if not train and here != in_train:
             only_train, only_test = sorted(in_train - here), sorted(here - in_train)
-            what = (f"no test images of labels {only_train[:5]} that {train_list.name} has" if only_train else
-                    f"labels {only_test[:5]} have no images in {train_list.name}")
+            what = "; ".join(([f"no test images of labels {only_train[:5]} that {train_list.name} has"]
+                              if only_train else []) +
+                             ([f"labels {only_test[:5]} have no images in {train_list.name}"] if only_test else []))
             raise DataError(f"{test_list}: {what} (every class needs images in both splits)")
         names = [str(c) for c in range(n)]
         seen = set()
