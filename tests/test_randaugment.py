@@ -186,14 +186,19 @@ def test_each_image_gets_its_own_operations_and_parameters():
     assert len({bytes(o.flatten().tolist()) for o in same}) > 20
 
 
-def test_crop_and_flip_on_uint8_equal_the_float_path_without_randaugment():
+@pytest.mark.parametrize("kornia_n", [0, 2])
+def test_crop_and_flip_on_uint8_equal_the_float_path(kornia_n):
+    """Without timm's RandAugment, training batches are those of crop and flip on floats (then kornia's)."""
     x = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8)
-    aug = BatchAugment(AugmentConfig(crop_padding=4, hflip=True), (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), channels=3)
+    cfg = AugmentConfig(crop_padding=4, hflip=True, randaugment_n=kornia_n, randaugment_m=27)
+    aug = BatchAugment(cfg, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), channels=3)
     torch.manual_seed(3)
     new = aug.train(x)
     torch.manual_seed(3)
-    old = aug.normalize(random_hflip(random_crop(x.float().div_(255), 4)))
-    assert torch.equal(new, old)
+    old = random_hflip(random_crop(x.float().div_(255), 4))
+    if aug.randaugment is not None:
+        old = aug.randaugment(old).clamp_(0, 1)
+    assert torch.equal(new, aug.normalize(old))
 
 
 def test_batch_augment_runs_timm_randaugment_on_grey_and_rgb_with_the_mean_as_fill():

@@ -5,7 +5,7 @@ The policy strings, operations, constants and magnitude-to-parameter mappings ar
 timm versions; the pixel arithmetic is Pillow's (ImageOps, ImageEnhance, Image.transform), which timm calls. Each
 image draws its own `n` operations (uniformly with replacement; without replacement, weighted, under `w0`), applies
 each with probability `p`, with its own magnitude and sign; each operation then runs once per layer on the subset of
-the batch that drew it, with per-image parameters. docs/methods/dytox.md (Recipe) lists the facts and the tolerances
+the batch that drew it, with per-image parameters. docs/methods/dytox.md#randaugment lists the facts and the tolerances
 against timm's own implementation.
 """
 from __future__ import annotations
