@@ -156,38 +156,105 @@ class TimmRandAugment:
         return self.apply(x, draws)
 
     def apply(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Each layer in one pass per family over the images that drew one of its operations: one table lookup (the
+        level maps), one blend (the enhance ops), one affine resampling per axis set (the geometric ops)."""
         x = x.clone()
+        ops = self.policy.ops
         for layer in range(self.policy.num_layers):
-            for k, name in enumerate(self.policy.ops):
-                rows = ((draws.op[layer] == k) & draws.applied[layer]).nonzero().squeeze(1)
-                if rows.numel():
-                    arg = op_argument(name, draws.magnitude[layer, rows], draws.sign[layer, rows])
-                    x[rows] = apply_op(name, x[rows], arg, self.fill, self.interpolation)
+            chosen = torch.where(draws.applied[layer], draws.op[layer], -1).tolist()  # one transfer per layer
+            for family in FAMILIES:
+                picks = [(b, ops[k]) for b, k in enumerate(chosen) if k >= 0 and ops[k] in family]
+                if not picks:
+                    continue
+                rows = torch.tensor([b for b, _ in picks], device=x.device)
+                names = [name for _, name in picks]
+                arg = torch.zeros(len(picks), dtype=torch.float64, device=x.device)
+                for name in set(names):
+                    at = torch.tensor([n == name for n in names], device=x.device)
+                    arg = torch.where(at, op_argument(name, draws.magnitude[layer, rows], draws.sign[layer, rows]), arg)
+                x[rows] = apply_family(names, x[rows], arg, self.fill, self.interpolation)
         return x
+
+
+LUT_OPS = frozenset({"AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "Solarize",
+                     "SolarizeIncreasing", "SolarizeAdd"})
+BLEND_OPS = frozenset({"Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Brightness",
+                       "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing"})
+GEOMETRIC_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
+# the geometric ops by the axes they interpolate along (affine samples one axis with fewer taps)
+FAMILIES = (LUT_OPS, BLEND_OPS, frozenset({"Rotate"}), frozenset({"ShearX", "TranslateXRel"}),
+            frozenset({"ShearY", "TranslateYRel"}))
+
+
+def apply_family(names: list[str], x: torch.Tensor, arg: torch.Tensor, fill: tuple[int, ...],
+                 interpolation: Interpolation) -> torch.Tensor:
+    """Image i of x through operation names[i] (all of one family) with argument arg[i], in one pass."""
+    def where(name: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        at = torch.tensor([n == name for n in names], device=x.device).view(-1, *[1] * (value.dim() - 1))
+        return torch.where(at, value, current)
+
+    kinds = sorted(set(names))
+    if kinds[0] in GEOMETRIC_OPS:
+        matrix = torch.zeros(len(names), 6, dtype=torch.float64, device=x.device)
+        for name in kinds:
+            matrix = where(name, geometry_matrix(name, arg, x.shape[-2:]), matrix)
+        return affine(x, matrix, fill, interpolation)
+    if kinds[0] in BLEND_OPS:
+        degenerate = x
+        for name in kinds:
+            degenerate = where(name, blend_source(name, x), degenerate)
+        return blend(degenerate, x, arg)
+    lut = torch.arange(256, device=x.device).expand(x.shape[0], x.shape[1], 256)
+    for name in kinds:
+        lut = where(name, level_table(name, x, arg), lut)
+    return _lut(x, lut)
 
 
 def apply_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill: tuple[int, ...] = (128, 128, 128),
              interpolation: Interpolation = "bilinear") -> torch.Tensor:
     """One operation on a uint8 batch with one argument per image (op_argument's units)."""
+    if name in GEOMETRIC_OPS:
+        return affine(x, geometry_matrix(name, arg, x.shape[-2:]), fill, interpolation)
+    if name in BLEND_OPS:
+        return blend(blend_source(name, x), x, arg)
+    return _lut(x, level_table(name, x, arg))
+
+
+def level_table(name: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """The level map (B, C, 256) of a point operation of Pillow's ImageOps or timm's solarize_add."""
+    B, C = x.shape[:2]
+    i = torch.arange(256, device=x.device).expand(B, C, 256)
+    a = arg.to(x.device).view(-1, 1, 1)
     if name == "AutoContrast":
-        return autocontrast(x)
+        return autocontrast_table(x)
     if name == "Equalize":
-        return equalize(x)
+        return equalize_table(x)
     if name == "Invert":
-        return 255 - x
-    if name.startswith("Posterize"):
-        return posterize(x, arg)
-    if name.startswith("Solarize"):
-        return solarize_add(x, arg) if name == "SolarizeAdd" else solarize(x, arg)
-    if name.startswith("Color"):
-        return color(x, arg)
+        return 255 - i
+    if name.startswith("Posterize"):  # keep the top `arg` bits (0: black; 8 or more: unchanged, as timm)
+        keep = a.clamp(0, 8).long()
+        return i & (256 - torch.pow(2, 8 - keep))
+    if name == "SolarizeAdd":  # levels below 128 get `arg` more, capped at 255
+        return torch.where(i < 128, (i + a.long()).clamp_max(255), i)
+    if name.startswith("Solarize"):  # levels at or above the threshold are inverted
+        return torch.where(i < a.long(), i, 255 - i)
+    raise ValueError(f"unknown RandAugment operation {name!r}")
+
+
+def blend_source(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The degenerate image ImageEnhance blends with: greyscale (Color), the flat rounded grey mean (Contrast),
+    black (Brightness), SMOOTH-filtered (Sharpness)."""
+    if name.startswith("Color"):  # a single-channel image is its own greyscale
+        return grey(x).to(torch.uint8).expand_as(x)
     if name.startswith("Contrast"):
-        return contrast(x, arg)
+        g = grey(x)
+        mean = torch.floor(g.sum(dim=(1, 2, 3), dtype=torch.int64).double() / g[0].numel() + 0.5)
+        return _per_image(mean).to(torch.uint8).expand_as(x)
     if name.startswith("Brightness"):
-        return blend(torch.zeros_like(x), x, arg)
+        return torch.zeros_like(x)
     if name.startswith("Sharpness"):
-        return blend(smooth(x), x, arg)
-    return affine(x, geometry_matrix(name, arg, x.shape[-2:]), fill, interpolation)
+        return smooth(x)
+    raise ValueError(f"unknown RandAugment operation {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------ colour ops
@@ -201,17 +268,17 @@ def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return lut.to(torch.uint8).gather(2, x.reshape(B, C, H * W).long()).view(B, C, H, W)
 
 
-def autocontrast(x: torch.Tensor) -> torch.Tensor:
+def autocontrast_table(x: torch.Tensor) -> torch.Tensor:
     """ImageOps.autocontrast (cutoff 0): each channel's [lo, hi] stretched to [0, 255] by int(i * scale + offset)."""
     lo = x.amin(dim=(2, 3)).double()[..., None]
     hi = x.amax(dim=(2, 3)).double()[..., None]
     i = torch.arange(256, dtype=torch.float64, device=x.device)
     scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1)  # a true division: `255 / t` is 255 * (1 / t)
     lut = torch.trunc(i * scale - lo * scale).clamp(0, 255)
-    return _lut(x, torch.where(hi > lo, lut, i))
+    return torch.where(hi > lo, lut, i).long()
 
 
-def equalize(x: torch.Tensor) -> torch.Tensor:
+def equalize_table(x: torch.Tensor) -> torch.Tensor:
     """ImageOps.equalize: lut[i] = (step // 2 + count below i) // step, step = (N - count of the top level) // 255."""
     B, C, H, W = x.shape
     flat = x.reshape(B * C, H * W).long() + 256 * torch.arange(B * C, device=x.device)[:, None]
@@ -220,25 +287,7 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
     step = (H * W - hist.gather(2, top)) // 255
     below = hist.cumsum(2) - hist
     lut = ((step // 2 + below) // step.clamp_min(1)).clamp(0, 255)
-    return _lut(x, torch.where(step > 0, lut, torch.arange(256, device=x.device)))
-
-
-def posterize(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """ImageOps.posterize: keep the top `bits` bits (0: black; 8 or more: unchanged, as timm)."""
-    keep = bits.clamp(0, 8).long()
-    mask = (256 - torch.pow(2, 8 - keep)).to(torch.uint8)
-    return x & _per_image(mask)
-
-
-def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """ImageOps.solarize: levels at or above the threshold are inverted."""
-    return torch.where(x.short() < _per_image(threshold.short()), x, 255 - x)
-
-
-def solarize_add(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-    """timm's solarize_add: levels below 128 get `add` more, capped at 255."""
-    raised = (x.short() + _per_image(add.short())).clamp_max(255).to(torch.uint8)
-    return torch.where(x < 128, raised, x)
+    return torch.where(step > 0, lut, torch.arange(256, device=x.device))
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
@@ -254,20 +303,6 @@ def blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> to
     d = degenerate.float()
     out = d + _per_image(factor.float()) * (x.float() - d)
     return out.clamp_(0, 255).to(torch.uint8)
-
-
-def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Color: blend with the greyscale image (a single-channel image is unchanged)."""
-    if x.shape[1] == 1:
-        return x
-    return blend(grey(x).expand_as(x), x, factor)
-
-
-def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Contrast: blend with a flat image at the rounded mean of the greyscale image."""
-    g = grey(x)
-    mean = torch.floor(g.sum(dim=(1, 2, 3), dtype=torch.int64).double() / g[0].numel() + 0.5)
-    return blend(_per_image(mean).expand_as(x), x, factor)
 
 
 def smooth(x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +339,19 @@ def geometry_matrix(name: str, arg: torch.Tensor, size: torch.Size | tuple[int, 
     raise ValueError(f"unknown RandAugment operation {name!r}")
 
 
-def _cubic(v1, v2, v3, v4, d):  # Pillow's BICUBIC macro: the a = -1 cubic convolution
-    return v2 + d * ((v3 - v1) + d * ((2 * (v1 - v2) + v3 - v4) + d * (v2 - v1 - v3 + v4)))
+def _cubic(v1, v2, v3, v4, d):
+    """Pillow's BICUBIC macro (the a = -1 cubic convolution) in its Horner form, which keeps flat regions exact."""
+    p4 = (v2 - v1).sub_(v3).add_(v4)
+    p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
+    return p4.mul_(d).add_(p3).mul_(d).add_(v3 - v1).mul_(d).add_(v2)
+
+
+def _interpolate(v: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    if len(v) == 1:
+        return v[0]
+    if len(v) == 2:  # Pillow's BILINEAR macro
+        return v[0] + (v[1] - v[0]).mul_(d)
+    return _cubic(v[0], v[1], v[2], v[3], d)
 
 
 def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, ...],
@@ -325,16 +371,18 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, ...],
     x0, y0 = torch.floor(xin), torch.floor(yin)
     dx, dy = xin - x0, yin - y0
     taps = (0, 1) if interpolation == "bilinear" else (-1, 0, 1, 2)
-    flat = x.reshape(B, C, H * W).double()
-    xi = [(x0 + t).clamp(0, W - 1).long() for t in taps]
+    # a zero fraction gives the tap at 0 exactly, in both forms: shear and translation along x have dy = 0 (and
+    # along y dx = 0) everywhere, so they need one row (column) of taps
+    x_taps = (0,) if not bool((dx != 0).any()) else taps
+    y_taps = (0,) if not bool((dy != 0).any()) else taps
+    flat = x.reshape(B, C, H * W).double()  # float64 as Pillow: float32 would flip the truncation of ~1% of pixels
+    xi = [(x0 + t).clamp(0, W - 1).long() for t in x_taps]
     rows = []
-    for t in taps:
+    for t in y_taps:
         yi = (y0 + t).clamp(0, H - 1).long() * W
         v = [flat.gather(2, (yi + xj).view(B, 1, H * W).expand(B, C, H * W)) for xj in xi]
-        d = dx.view(B, 1, H * W)
-        rows.append(v[0] + (v[1] - v[0]) * d if len(v) == 2 else _cubic(v[0], v[1], v[2], v[3], d))
-    d = dy.view(B, 1, H * W)
-    out = rows[0] + (rows[1] - rows[0]) * d if len(rows) == 2 else _cubic(rows[0], rows[1], rows[2], rows[3], d)
+        rows.append(_interpolate(v, dx.view(B, 1, H * W)))
+    out = _interpolate(rows, dy.view(B, 1, H * W))
     out = out.clamp_(0, 255).to(torch.uint8).view(B, C, H, W)
     fill_t = torch.tensor(fill[:C] if len(fill) >= C else fill * C, dtype=torch.uint8, device=dev).view(1, C, 1, 1)
     return torch.where(inside[:, None], out, fill_t)
