@@ -4,9 +4,9 @@ The policy strings, operations, constants and magnitude-to-parameter mappings ar
 `timm/data/auto_augment.py` (the version DyTox pins), plus the `mmax` and `p` sections and `mstd` > 100 of later
 timm versions; the pixel arithmetic is Pillow's (ImageOps, ImageEnhance, Image.transform), which timm calls. Each
 image draws its own `n` operations (uniformly with replacement; without replacement, weighted, under `w0`), applies
-each with probability `p`, with its own magnitude and sign; each operation then runs once per layer on the subset of
-the batch that drew it, with per-image parameters. docs/methods/dytox.md#randaugment lists the facts and the tolerances
-against timm's own implementation.
+each with probability `p`, with its own magnitude and sign; each layer then makes one pass per family of operations
+over the images that drew one of them, with per-image parameters. docs/methods/dytox.md#randaugment lists the facts
+and the tolerances against timm's own implementation.
 """
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ class TimmRandAugment:
                 rows = torch.tensor([b for b, _ in picks], device=x.device)
                 names = [name for _, name in picks]
                 arg = torch.zeros(len(picks), dtype=torch.float64, device=x.device)
-                for name in set(names):
+                for name in sorted(set(names)):
                     at = torch.tensor([n == name for n in names], device=x.device)
                     arg = torch.where(at, op_argument(name, draws.magnitude[layer, rows], draws.sign[layer, rows]), arg)
                 x[rows] = apply_family(names, x[rows], arg, self.fill, self.interpolation)
