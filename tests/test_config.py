@@ -48,6 +48,9 @@ def test_defaults_are_merged_before_the_file(tmp_path):
     ("data.train_per_class=0", "data.train_per_class"),
     ("train.max_batches=0", "train.max_batches"),
     ("train.eval_every=-1", "train.eval_every"),
+    ("data.augment.randaugment=rand-m9-foo", "data.augment.randaugment"),
+    ("data.augment.randaugment=m9-mstd0.5", "data.augment.randaugment"),
+    ("data.augment.randaugment_interpolation=nearest", "data.augment.randaugment_interpolation"),
 ])
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

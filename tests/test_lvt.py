@@ -215,7 +215,8 @@ def test_lvt_presets_load():
             assert cfg.data.increment == 100 // n and cfg.data.dataset == "cifar100"
             t = cfg.train
             assert (t.optimizer, t.lr, t.batch_size, t.epochs, t.momentum) == ("sgd", 0.1, 32, 50, 0.0)
-            assert cfg.data.augment.randaugment_n == 0 and cfg.data.augment.crop_padding == 4
+            a = cfg.data.augment
+            assert a.randaugment is None and a.randaugment_n == 0 and a.crop_padding == 4
             o = cfg.method
             assert (o.alpha, o.beta, o.gamma, o.r0, o.r_decay, o.temperature) == (2.0, 2.0, 2.0, 1.0, 0.9, 2.0)
 

@@ -33,7 +33,10 @@ class RunConfig:
 class AugmentConfig:
     crop_padding: int = 0  # zero-pad then random crop back to size (CIFAR: 4)
     hflip: bool = False
-    randaugment_n: int = 0  # 0 disables RandAugment
+    # timm's RandAugment, per image (data/randaugment.py): a timm policy string such as rand-m9-mstd0.5-inc1
+    randaugment: str | None = None
+    randaugment_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # its rotate, shear and translate
+    randaugment_n: int = 0  # kornia's batch-level RandAugment: n ops (0: off), magnitude m on its 0..30 scale
     randaugment_m: int = 9
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

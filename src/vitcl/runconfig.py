@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, build
+from .data.randaugment import parse_policy
 from .errors import ConfigError, VitclError
 from .methods import METHODS
 from .models import MODELS
@@ -205,6 +206,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.augment.label_smoothing: expected a value in [0, 1), got {a.label_smoothing}")
     if a.randaugment_n < 0 or not 0 <= a.randaugment_m <= 30:
         raise ConfigError("data.augment.randaugment_m: expected n >= 0 and a magnitude in [0, 30]")
+    if a.randaugment is not None:
+        parse_policy(a.randaugment)
+        if a.randaugment_n > 0:
+            raise ConfigError("data.augment.randaugment: timm's per-image RandAugment and kornia's batch-level one "
+                              "(randaugment_n > 0) are alternatives; set randaugment: null or randaugment_n: 0")
 
 
 # --------------------------------------------------------------------------------------------- run folders

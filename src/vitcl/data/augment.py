@@ -1,6 +1,8 @@
 """Batched augmentation on the device: uint8 batch in, normalised float batch out.
 
-Pad+crop and flips are done with tensor indexing (one gather per batch); RandAugment is kornia's.
+The order is timm's: crop, flip, RandAugment, then to float and normalise. Pad+crop and flips are tensor indexing
+(one gather per batch) on the uint8 images; RandAugment is timm's per-image policy on uint8 (data/randaugment.py) or,
+as the alternative, kornia's batch-level one on floats in [0, 1].
 Randomness comes from torch's global generator, which the engine reseeds every epoch (exact resume).
 MixUp/CutMix follow timm's batch mode (each sample mixed with the flipped batch, one lambda per batch).
 """
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AugmentConfig
+from .randaugment import TimmRandAugment, parse_policy
 
 
 class BatchAugment:
@@ -24,7 +27,12 @@ class BatchAugment:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.randaugment = None
-        if cfg.randaugment_n > 0:
+        self.timm_randaugment = None
+        if cfg.randaugment is not None:
+            fill = tuple(min(255, round(255 * v)) for v in mean)  # timm's img_mean
+            self.timm_randaugment = TimmRandAugment(parse_policy(cfg.randaugment), fill,
+                                                    cfg.randaugment_interpolation)
+        elif cfg.randaugment_n > 0:
             from kornia.augmentation.auto import RandAugment
 
             self.randaugment = RandAugment(n=cfg.randaugment_n, m=cfg.randaugment_m)
@@ -37,11 +45,14 @@ class BatchAugment:
         return self.normalize(images.float().div_(255))
 
     def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = images.float().div_(255)
+        x = images
         if self.cfg.crop_padding:
             x = random_crop(x, self.cfg.crop_padding, generator)
         if self.cfg.hflip:
             x = random_hflip(x, generator)
+        if self.timm_randaugment is not None:
+            x = self.timm_randaugment(x, generator)
+        x = x.float().div_(255)
         if self.randaugment is not None:
             x = self.randaugment(x).clamp_(0, 1)
         return self.normalize(x)
