@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ from vitcl.models import MODELS
 from vitcl.runconfig import load_config
 
 PRESET = "replay/digits-b0inc2"
-WORKDIR = Path(tempfile.mkdtemp(prefix="vitcl-fuzz-"))
 
 
 def _dotted(cls, prefix: str = "") -> list[str]:
@@ -74,8 +74,13 @@ documents = st.one_of(sections.map(_dump), trees.map(_dump), st.text(max_size=60
                       st.binary(max_size=40))
 
 
-def _write(doc: bytes) -> str:
-    fd, name = tempfile.mkstemp(dir=WORKDIR, suffix=".yaml")
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def _write(doc: bytes, folder: Path) -> str:
+    fd, name = tempfile.mkstemp(dir=folder, suffix=".yaml")
     with open(fd, "wb") as f:
         f.write(doc)
     return name
@@ -89,16 +94,16 @@ def _accepted_or_one_line_error(sources: list[str], items: list[str]) -> None:
         assert str(exc).strip(), "an error without a message"
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(overrides)
 def test_any_overrides_are_accepted_or_one_line_errors(items):
     _accepted_or_one_line_error([PRESET], items)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(documents, overrides)
-def test_any_yaml_document_is_accepted_or_a_one_line_error(doc, items):
-    _accepted_or_one_line_error([PRESET, _write(doc)], items)
+def test_any_yaml_document_is_accepted_or_a_one_line_error(workdir, doc, items):
+    _accepted_or_one_line_error([PRESET, _write(doc, workdir)], items)
 
 
 class _TrainingWouldStart(Exception):
@@ -109,12 +114,12 @@ class _TrainingWouldStart(Exception):
 @given(documents, overrides)
 @example(b"train: {epochs: 1}\n", ["=\n"])  # a message that quotes a newline stays one line
 @example(b"\xff\xfe", [])
-def test_vitcl_run_exits_2_with_one_line_or_gets_to_training(doc, items):
+def test_vitcl_run_exits_2_with_one_line_or_gets_to_training(workdir, doc, items):
     err = io.StringIO()
     with mock.patch("vitcl.engine.trainer.Trainer", side_effect=_TrainingWouldStart), \
             contextlib.redirect_stderr(err):
         try:
-            code = cli.main(["run", PRESET, _write(doc), *items, f"run.out_dir={WORKDIR / 'runs'}", "-q"])
+            code = cli.main(["run", PRESET, _write(doc, workdir), *items, f"run.out_dir={workdir / 'runs'}", "-q"])
         except _TrainingWouldStart:
             return
     assert code == 2

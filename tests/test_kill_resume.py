@@ -15,7 +15,7 @@ from helpers import SRC, TINY, run_cli
 
 TIMING = ("seconds", "images_per_s", "peak_memory_bytes")
 ARGS = ["replay/digits-b0inc2", *TINY, "train.eval_every=1"]  # 5 tasks of 2 epochs, a periodic record per epoch
-KILLS = 4
+KILLS = 3
 
 
 def without_timing(obj):
