@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +18,7 @@ from .errors import VitclError
 if TYPE_CHECKING:
     from .data.scenario import Scenario
 
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # str.splitlines' line ends: escaped in an error line
 DEFAULT_PRESET = "dytox/digits-b0inc2"  # `vitcl run` with no argument: the embedded demo (a small DyTox)
 
 
@@ -49,7 +54,7 @@ def cmd_run(args) -> int:
     trainer = Trainer(cfg, run_dir, progress=not args.quiet)
     run_dir = trainer.run_dir
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(run_dir)
         save_run_config(run_dir, cfg, sources, overrides)
         jsonfile.write_atomic(run_dir / "data.json", {"datasets": trainer.scenario.data_record})
         print(f"run folder: {run_dir}", file=sys.stderr)
@@ -57,6 +62,63 @@ def cmd_run(args) -> int:
         print(f"{cfg.method.name} · {cfg.model.name} · {data} · {trainer.scenario.describe()} · device {trainer.device}"
               + (f" × {trainer.world}" if trainer.world > 1 else ""), file=sys.stderr)
     return _fit_and_report(trainer, None)
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """The run folder, or a one-line error naming the folder that stands in the way (a file, read-only)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = next((p for p in run_dir.parents if p.exists()), run_dir.parent)
+        reason = "a file, not a folder" if not where.is_dir() else _os_reason(where, exc)
+        raise VitclError(f"{where}: cannot make the run folder {run_dir.name} there ({reason}); "
+                         f"choose another run.out_dir or run.name") from None
+    if not os.access(run_dir, os.W_OK):
+        reason = _os_reason(run_dir, PermissionError(errno.EACCES, "permission denied"))
+        raise VitclError(f"{run_dir}: the run folder is not writable ({reason}); choose another run.out_dir")
+
+
+def _os_reason(folder: Path, exc: OSError) -> str:
+    try:
+        if exc.errno == errno.EROFS or os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return (exc.strerror or str(exc)).lower()
+
+
+# ------------------------------------------------------------------ stopping: Ctrl-C and SIGTERM
+_stopped_by: list[int] = []  # the signal that stopped this command, once one has
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    """SIGINT and SIGTERM: stop with KeyboardInterrupt, except inside a checkpoint write (it ends first and
+    the signal comes again). Later ones are ignored, up to the process's exit: the clean-up of the first runs
+    to its end, and the exit code stays 130 or 143."""
+    if _stopped_by:
+        return
+    ckpt = sys.modules.get("vitcl.engine.checkpoint")
+    if ckpt is not None and ckpt.defer_signal(signum):
+        return
+    _stopped_by.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _stop_code() -> int:
+    return 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)
+
+
+def _stop_name() -> str:
+    return "terminated (SIGTERM)" if _stop_code() == 128 + signal.SIGTERM else "interrupted"
+
+
+def _install_stop_handlers() -> dict:
+    """Handlers for run and resume; returns the previous ones (for main to put back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _fit_and_report(trainer, optimizer_state) -> int:
@@ -68,8 +130,10 @@ def _fit_and_report(trainer, optimizer_state) -> int:
     try:
         results = trainer.fit(optimizer_state)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; `vitcl resume {trainer.run_dir}` continues from the last checkpoint", file=sys.stderr)
-        return 130
+        end_line = "\n" if trainer.progress.tty else ""  # the progress line is redrawn in place on a terminal
+        print(f"{end_line}{_stop_name()}; `vitcl resume {trainer.run_dir}` continues from the last checkpoint",
+              file=sys.stderr)
+        return _stop_code()
     if dist.is_main():
         write_results(trainer.run_dir, results)
         write_plots(results, trainer.run_dir / "plots")
@@ -80,9 +144,10 @@ def _fit_and_report(trainer, optimizer_state) -> int:
 
 
 def cmd_resume(args) -> int:
+    from .data import distributed as dist
     from .engine import checkpoint
-    from .engine.trainer import Trainer
-    from .runconfig import load_run_config
+    from .engine.trainer import Trainer, rewind_metrics
+    from .runconfig import changed_keys, load_run_config
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir).config
@@ -95,15 +160,42 @@ def cmd_resume(args) -> int:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         return _fit_and_report(Trainer(cfg, run_dir, progress=not args.quiet), None)
     ckpt = checkpoint.load(last)
+    changes = changed_keys(ckpt["config"], cfg.to_dict()) if isinstance(ckpt.get("config"), dict) else []
     trainer = Trainer(cfg, run_dir, progress=not args.quiet)
-    optimizer_state = trainer.restore(ckpt)
+    try:
+        optimizer_state = trainer.restore(ckpt)
+    except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+        what = (f"{_describe_changes(changes)} changed in {run_dir / 'config.yaml'} since the run started" if changes
+                else f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else '?'}")
+        raise VitclError(f"{last}: the checkpoint does not fit the run's config ({what}); resume needs the config "
+                         f"the run started with") from None
+    if changes and dist.is_main():
+        print(f"note: {_describe_changes(changes)} changed in {run_dir / 'config.yaml'} since the run started; "
+              f"the results may differ from an uninterrupted run", file=sys.stderr)
+    rewind_metrics(run_dir, ckpt)  # drop what was logged after the checkpoint: it is done again
     s = trainer.state
     if s.task >= len(trainer.scenario):
         print(f"{run_dir}: all {len(trainer.scenario)} tasks are done; nothing to resume", file=sys.stderr)
         return _fit_and_report(trainer, optimizer_state)
+    before = ckpt.get("world_size")
+    if before is not None and before != trainer.world:
+        if dist.is_main():
+            print(f"note: the run so far used {_processes(before)} and goes on with {_processes(trainer.world)}; "
+                  f"recorded in metrics.jsonl", file=sys.stderr)
+        trainer.log_metrics({"kind": "resume", "task": s.task, "phase": s.phase, "epoch": s.epoch,
+                             "previous_world_size": before, "world_size": trainer.world})
     print(f"resuming {run_dir} at task {s.task + 1}/{len(trainer.scenario)}, phase {s.phase + 1}, epoch {s.epoch}",
           file=sys.stderr)
     return _fit_and_report(trainer, optimizer_state)
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def _describe_changes(changes: list, most: int = 3) -> str:
+    text = ", ".join(f"{key} (was {old!r}, now {new!r})" for key, old, new in changes[:most])
+    return text + (f" and {len(changes) - most} more" if len(changes) > most else "")
 
 
 def _finished_run(run_dir: Path, purpose: str):
@@ -363,11 +455,21 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    _stopped_by.clear()
+    previous = _install_stop_handlers() if args.fn in (cmd_run, cmd_resume) else {}
     try:
         return args.fn(args)
     except VitclError as exc:
-        print(f"vitcl: error: {exc}", file=sys.stderr)
+        text = "".join(c.encode("unicode_escape").decode() if c in _LINE_BREAKS else c for c in str(exc))
+        print(f"vitcl: error: {text}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # before training started (or after it ended): nothing to keep
+        print(f"vitcl: {_stop_name()}", file=sys.stderr)
+        return _stop_code()
+    finally:
+        if not _stopped_by:  # after a stop signal they stay ignored: a repeated Ctrl-C must not break the exit
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the command line; `vitcl.config` below it holds only the typed sections.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .registry import Registry
 
 PRESET_DIR = Path(__file__).parent / "configs"
 SECTIONS = ("run", "data", "model", "method", "memory", "train", "eval")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 RUN_CONFIG = "config.yaml"  # in a run folder: the resolved config, with the sources and overrides it came from
 
 
@@ -62,13 +64,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_text(path: Path, error: type[VitclError] = ConfigError) -> str:
+    """A config file's text as UTF-8; a file that is not text or cannot be read is a one-line error."""
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                    f"save it as UTF-8") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    text = read_text(path)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{path}: invalid YAML (character {chr(exc.character)!r} at offset {exc.position} is not "
+                          f"allowed)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}:{where} invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -138,6 +156,9 @@ def from_dict(raw: dict) -> Config:
     """The validated config of a raw tree: sections, the named model and method options, the checks across
     sections and the method's own checks of the whole config (before any data is read)."""
     raw = dict(raw)
+    for key in ("model", "method"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{key}: expected a mapping, got {raw[key]!r}")
     model_raw = {"name": "vit", **(raw.pop("model", None) or {})}
     method_raw = {"name": "finetune", **(raw.pop("method", None) or {})}
     cfg = build(Config, raw)
@@ -193,6 +214,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size {t.batch_size}")
     if t.schedule == "multistep" and not t.milestones:
         raise ConfigError("train.milestones: the multistep schedule needs a list of epochs")
+    if not DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.run.device!r}")
+    for key, text in (("run.name", cfg.run.name), ("run.out_dir", cfg.run.out_dir)):
+        if text is not None and "\0" in text:
+            raise ConfigError(f"{key}: a NUL character cannot be part of a folder name")
     name = cfg.run.name
     if name is not None and (not name or "/" in name or "\\" in name or name in (".", "..")):
         raise ConfigError(f"run.name: expected a folder name inside run.out_dir (no '/' and not '..'), got {name!r}")
@@ -234,11 +260,25 @@ def load_run_config(run_dir: Path) -> RunSpec:
     path = run_dir / RUN_CONFIG
     if not path.exists():
         raise VitclError(f"{path}: not found; expected a run folder made by `vitcl run`")
+    text = read_text(path, VitclError)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError:
         raise VitclError(f"{path}: corrupt YAML") from None
     if not isinstance(raw, dict):
         raise VitclError(f"{path}: expected a mapping")
     sources, overrides = raw.pop("sources", None) or [], raw.pop("overrides", None) or []
     return RunSpec(from_dict(raw), list(sources), list(overrides))
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every setting that differs between two config trees."""
+    out = []
+    for k in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(k), new.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, key + ".")
+        elif a != b:
+            out.append((key, a, b))
+    return out

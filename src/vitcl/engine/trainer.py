@@ -8,6 +8,7 @@ optimiser, the progress counters and every metric so far.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -143,16 +144,35 @@ class Trainer:
         return dist.all_reduce_sum(t)
 
     def save_checkpoint(self, name: str = "last.pt", optimizer=None) -> None:
+        """Besides the state: the config it was trained with, the number of processes, and how many bytes of
+        metrics.jsonl belong to it (a resume cuts the file back to them, dropping records of unsaved work)."""
         if not dist.is_main():
             return
+        metrics = self.run_dir / "metrics.jsonl"
         state = {"format": 1, "progress": vars(self.state), "method": self.method.state_dict(),
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None}
-        checkpoint.save_atomic(state, self.ckpt_dir / name)
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "config": self.cfg.to_dict(), "world_size": self.world,
+                 "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
+        path = self.ckpt_dir / name
+        try:
+            checkpoint.save_atomic(state, path)
+        except OSError as exc:
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            last = self.ckpt_dir / "last.pt"
+            kept = (f"the previous checkpoint {last} is intact; `vitcl resume {self.run_dir}` continues from it"
+                    if last.exists() else "no checkpoint was kept yet")
+            raise TrainingError(f"{path}: writing the checkpoint failed ({reason}); {kept}") from None
 
     def log_metrics(self, record: dict) -> None:
         if dist.is_main():
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(jsonfile.dumps(record) + "\n")
+            path = self.run_dir / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(jsonfile.dumps(record) + "\n")
+            except OSError as exc:
+                reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+                raise TrainingError(f"{path}: writing a metrics record failed ({reason}); the last checkpoint "
+                                    f"{self.ckpt_dir / 'last.pt'} is intact") from None
 
     # ------------------------------------------------------------------ resume
     def restore(self, ckpt: dict) -> dict | None:
@@ -369,6 +389,22 @@ def task_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(paths)
 
 
+def rewind_metrics(run_dir: Path, ckpt: dict) -> None:
+    """Cut metrics.jsonl back to the records of the checkpoint's state: what the killed process logged after
+    its last checkpoint (a task_end before the task's checkpoint, a half-written line) is logged again."""
+    size = ckpt.get("metrics_bytes")
+    path = run_dir / "metrics.jsonl"
+    if size is not None and path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+
 def write_results(run_dir: Path, results: dict) -> None:
-    jsonfile.write_atomic(run_dir / "results.json", results)
+    path = run_dir / "results.json"
+    try:
+        jsonfile.write_atomic(path, results)
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise TrainingError(f"{path}: writing the results failed ({reason}); the checkpoints are intact, "
+                            f"`vitcl resume {run_dir}` writes them again") from None
 
