@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 
 from vitcl.models import GrowingHead, create_backbone
-from vitcl.models.layers import Attention
+from vitcl.models.layers import Attention, trunc_normal_
 from vitcl.models.resnet import ResNet18Options, ResNet32Options
 from vitcl.models.vit import VisionTransformer, ViTOptions
 
@@ -47,8 +48,43 @@ def test_vit_init_is_timm_style():
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=32, in_chans=3, embed_dim=192, depth=2, num_heads=3)
     w = vit.blocks[0].mlp.fc1.weight
-    assert abs(w.std().item() - 0.02) < 0.003 and w.abs().max() <= 0.04 + 1e-6
+    # timm's bounds are +-2 in absolute value: at std 0.02 the normal is in effect untruncated (not cut at 0.04)
+    assert abs(w.std().item() - 0.02) < 0.0003 and w.abs().max() > 0.04
     assert torch.count_nonzero(vit.blocks[0].attn.proj.bias) == 0
+
+
+def test_trunc_normal_std_002_is_untruncated_and_finite():
+    torch.manual_seed(0)
+    t = trunc_normal_(torch.empty(1_000_000), std=0.02)
+    assert torch.isfinite(t).all() and t.abs().max() <= 2.0
+    # sd of the sample sd is 0.02 / sqrt(2n) = 1.4e-5; a cut at +-2 std would give 0.0176
+    assert abs(t.std().item() - 0.02) < 1e-4
+    assert (t.abs() > 0.04).float().mean().item() == pytest.approx(0.0455, abs=0.002)  # P(|z| > 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_trunc_normal_is_finite_where_the_cdf_rounds_to_0_and_1(dtype):
+    torch.manual_seed(0)
+    t = trunc_normal_(torch.empty(200_000, dtype=dtype), std=1e-3)  # Phi(-2000) is 0 in double
+    assert torch.isfinite(t).all() and t.float().std().item() == pytest.approx(1e-3, rel=0.02)
+
+
+@pytest.mark.parametrize("mean,std,a,b", [(0.0, 0.02, -2.0, 2.0), (0.0, 1.0, -2.0, 2.0),
+                                          (0.3, 0.5, -0.2, 1.5), (0.0, 0.02, -0.01, 0.03)])
+def test_trunc_normal_matches_torch_rejection_sampler(mean, std, a, b):
+    """Same distribution as torch.nn.init.trunc_normal_ with the same (absolute) bounds: two-sample KS test."""
+    torch.manual_seed(0)
+    ours = trunc_normal_(torch.empty(50_000), std=std, mean=mean, a=a, b=b)
+    ref = torch.nn.init.trunc_normal_(torch.empty(50_000), mean=mean, std=std, a=a, b=b)
+    assert ours.min() >= a and ours.max() <= b
+    assert stats.ks_2samp(ours.numpy(), ref.numpy()).pvalue > 1e-3
+    exact = stats.truncnorm((a - mean) / std, (b - mean) / std, loc=mean, scale=std)
+    assert stats.kstest(ours.numpy().astype("float64"), exact.cdf).pvalue > 1e-3
+
+
+def test_trunc_normal_rejects_empty_interval():
+    with pytest.raises(ValueError, match="a < b"):
+        trunc_normal_(torch.empty(3), a=1.0, b=1.0)
 
 
 def test_resnet_parameter_counts():

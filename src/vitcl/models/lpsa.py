@@ -13,8 +13,7 @@ one `pos_proj = Linear(4, H, bias=False)` applied to [r, s]; here the same (H, 4
 Init (the reference's `_init_weights` then `local_init`): every Linear trunc-normal(0.02); value weights the identity;
 for the first k*k heads (k = floor(sqrt(H)), 9 of 12) ConViT's local kernel v_h = (2(h2-c), 2(h1-c), -1), times
 `locality_strength`; lambda_h ~ trunc-normal(std=lambda_std) (0.02: attention starts almost purely positional).
-Truncation is at +-2 std (the project's `trunc_normal_`); timm's, used by the reference, cuts at +-2 in absolute
-value, which for these stds is no truncation at all: the two differ only in the tails.
+Truncation is timm's, as in the reference: at +-2 in absolute value, which for these stds is no truncation at all.
 """
 from __future__ import annotations
 
