@@ -44,7 +44,9 @@ METHODS = [  # (label, method, overrides after the common recipe)
     ("piggyback", "piggyback", []),
     ("piggyback (lr 1e-4)", "piggyback", ["train.lr=1e-4"]),
     ("rkr", "rkr", []),
+    ("rkr (bn shared)", "rkr", ["method.bn=shared"]),  # the reference code's BatchNorm, as the table presets
     ("mask-rkr", "mask-rkr", []),
+    ("mask-rkr (bn shared)", "mask-rkr", ["method.bn=shared"]),
     ("mask-rkr (mask-product)", "mask-rkr", ["method.rg=mask-product"]),
 ]
 RECIPE = ["train.optimizer=adam", "train.lr=1e-3", "train.weight_decay=0.0", "train.schedule=cosine",

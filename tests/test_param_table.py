@@ -39,6 +39,18 @@ def test_seed_parameter_table(preset, want):
     assert round(last["increase_pct"], 2) == want[1]
 
 
+RESNET_ROWS = [c[0] for c in CASES if c[0].startswith(("rkr/", "mask-rkr/")) and "resnet18" in c[0]]
+
+
+@pytest.mark.parametrize("preset", RESNET_ROWS + ["mask-rkr/imagenet-10tasks-resnet18-kplus"])
+def test_table_presets_use_the_reference_batchnorm(preset):
+    """The reference code's BatchNorm: no scale/shift, one set of running statistics shared by every task; per-task
+    statistics stay an override."""
+    cfg, _ = load_config([preset])
+    assert cfg.method.bn == "shared" and cfg.model.bn_affine is False
+    assert load_config([preset], ["method.bn=task"])[0].method.bn == "task"
+
+
 def test_exact_counts_per_task():
     cfg, _ = load_config(["mask-rkr/cifar100-10tasks-vit-b16"])
     rows, _ = param_rows(cfg)
