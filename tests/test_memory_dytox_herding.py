@@ -57,5 +57,5 @@ def test_dytox_herding_repeats_and_departs_from_without_replacement_at_large_bud
     feats, classes = _features([60], d=4, seed=1)
     ours = HerdingSelector().select(feats, classes, 40)[0]
     theirs = DyToxHerdingSelector().select(feats, classes, 40)[0]
-    assert ours[:2].tolist() == theirs[:2].tolist()  # no repeat is possible before the third step
+    assert ours[:2].tolist() == theirs[:2].tolist()  # here the first repeat comes at the third step
     assert set(ours.tolist()) != set(theirs.tolist())
