@@ -85,6 +85,9 @@ class OptimConfig:
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6
+    # epoch-start: epoch e runs at lr(e). timm-after-epoch: DyTox's and LPA's `lr_scheduler.step(epoch)` after each
+    # epoch, so epoch e >= 1 runs at lr(e - 1) and epoch 0 at lr(0): the schedule one epoch behind, warm-up included
+    lr_step: Literal["epoch-start", "timm-after-epoch"] = "epoch-start"
     min_lr: float = 1e-5
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
@@ -101,6 +104,7 @@ class TrainConfig(OptimConfig):
     epochs: int = 10
     first_task_epochs: int | None = None
     batch_size: int = 128  # global batch, split across ranks
+    drop_last: bool = False  # drop each epoch's last partial batch in the phases built from this section
     first_task_lr: float | None = None
     lr_scale_batch: int | None = None  # linear scaling rule: lr * batch_size / lr_scale_batch
     grad_accum: int = 1

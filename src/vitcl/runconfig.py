@@ -27,11 +27,11 @@ RUN_CONFIG = "config.yaml"  # in a run folder: the resolved config, with the sou
 
 # --------------------------------------------------------------------------------------------- presets and files
 def preset_names() -> list[str]:
-    """Runnable presets: every YAML under configs/ except the fragments in data/ and base/."""
+    """Runnable presets: every YAML under configs/ except the fragments in data/ and base/ and the overlays/."""
     names = []
     for path in sorted(PRESET_DIR.rglob("*.yaml")):
         rel = path.relative_to(PRESET_DIR).with_suffix("").as_posix()
-        if rel.split("/")[0] not in ("data", "base"):
+        if rel.split("/")[0] not in ("data", "base", "overlays"):
             names.append(rel)
     return names
 

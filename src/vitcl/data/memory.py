@@ -94,6 +94,31 @@ class HerdingSelector(Selector):
         return [rows[i].cpu()[sel] for i, sel in enumerate(herding(padded, valid, k))]
 
 
+@SELECTORS.register("dytox-herding")
+class DyToxHerdingSelector(HerdingSelector):
+    """DyTox's `icarl_selection` (arthurdouillard/dytox, continual/rehearsal.py; docs/methods/dytox.md): herding
+    with replacement. Each step takes the argmax over all of the class's samples, those already picked included,
+    and the running sum moves by the pick even when it repeats; a repeat takes no slot. The memory holds the
+    distinct picks in the order of their first pick, k of them (all samples if fewer), and if 1000 steps end
+    before k distinct picks the slots left go to unpicked samples in candidate order."""
+
+    max_steps = 1000
+
+    def select(self, features, classes, k):
+        labels = classes.unique(sorted=True)
+        rows = [(classes == c).nonzero().flatten() for c in labels.tolist()]
+        n_max, C = max(len(r) for r in rows), len(rows)
+        feats = features.float()
+        feats = feats / (feats.norm(dim=1, keepdim=True) + 1e-8)  # DyTox's normalisation, not F.normalize's
+        padded = feats.new_zeros(C, n_max, feats.shape[1])
+        valid = torch.zeros(C, n_max, dtype=torch.bool, device=feats.device)
+        for i, r in enumerate(rows):
+            padded[i, : len(r)] = feats[r.to(feats.device)]
+            valid[i, : len(r)] = True
+        picks = herding_with_replacement(padded, valid, k, self.max_steps)
+        return [rows[i].cpu()[sel] for i, sel in enumerate(picks)]
+
+
 @SELECTORS.register("confidence")
 class ConfidenceSelector(Selector):
     """Most confident first (LVT's confidence-aware memory): per class, the candidates in descending order of a
@@ -137,6 +162,36 @@ def herding(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[torch.Tens
         running = running + torch.where(live[:, None], feats[torch.arange(C), best], torch.zeros_like(running))
         available[torch.arange(C)[live], best[live]] = False
     return [p[p >= 0].cpu() for p in picks]
+
+
+def herding_with_replacement(feats: torch.Tensor, valid: torch.Tensor, k: int,
+                             max_steps: int = 1000) -> list[torch.Tensor]:
+    """feats (C, n, d) unit rows, valid (C, n). iCaRL's original loop: w = mu, then per step pick
+    argmax_i <w, x_i> over every valid sample and set w <- w + mu - x_pick, until min(k, n_c) distinct samples
+    are picked or `max_steps` steps ran. Returns per class the distinct picks in first-pick order, completed
+    with unpicked samples in candidate order up to min(k, n_c)."""
+    C, n, d = feats.shape
+    counts = valid.sum(1)
+    target = counts.clamp(max=k)
+    mu = (feats * valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
+    w = mu.clone()
+    never = n + 1  # first-pick step of a sample never picked
+    first = torch.full((C, n), never, dtype=torch.long, device=feats.device)
+    n_picked = torch.zeros(C, dtype=torch.long, device=feats.device)
+    arange = torch.arange(C, device=feats.device)
+    for _ in range(max_steps):
+        active = n_picked < target
+        if not bool(active.any()):
+            break
+        score = torch.einsum("cnd,cd->cn", feats, w).masked_fill(~valid, float("-inf"))
+        best = score.argmax(1)
+        new = active & (first[arange, best] == never)
+        first[arange[new], best[new]] = n_picked[new]
+        n_picked = n_picked + new.long()
+        w = w + torch.where(active[:, None], mu - feats[arange, best], torch.zeros_like(w))
+    key = first.masked_fill(~valid, never + 1)
+    order = torch.sort(key, dim=1, stable=True).indices
+    return [order[c, : int(target[c])].cpu() for c in range(C)]
 
 
 def make_selector(name: str, seed: int = 0) -> Selector:

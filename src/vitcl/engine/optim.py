@@ -24,7 +24,9 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimCo
 
 def lr_at(optim: OptimConfig, epochs: int, epoch: int) -> float:
     """The learning rate of a 0-based epoch of `epochs` (timm's per-epoch stepping: warmup linear, then the
-    schedule)."""
+    schedule); `lr_step: timm-after-epoch` shifts it one epoch later."""
+    if optim.lr_step == "timm-after-epoch":
+        epoch = max(epoch - 1, 0)
     if epoch < optim.warmup_epochs:
         return optim.warmup_lr + (optim.lr - optim.warmup_lr) * epoch / optim.warmup_epochs
     if optim.schedule == "constant":

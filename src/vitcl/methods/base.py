@@ -86,7 +86,8 @@ class Phase:
         lr = train.first_task_lr if task_index == 0 and train.first_task_lr is not None else train.lr
         optim_changes = {k: changes.pop(k) for k in list(changes) if k in _OPTIM_FIELDS}
         optim = replace(train.optim(), **{"lr": train.scaled_lr(lr), **optim_changes})
-        phase = cls(name=name, data=data, epochs=epochs, optim=optim, batch_size=train.batch_size)
+        phase = cls(name=name, data=data, epochs=epochs, optim=optim, batch_size=train.batch_size,
+                    drop_last=train.drop_last)
         return replace(phase, **changes)
 
 

@@ -24,6 +24,7 @@ Two choices where the public code and its intent differ (both options, defaults 
 - `finetune_order: shuffled` (default): the memory is reshuffled every finetuning epoch. `stored_drop_last` is
   the published `ft_no_sampling` behaviour: the memory in stored order (grouped by class), the last incomplete
   batch dropped, so with a small memory an epoch is one step on the same samples.
+  `finetune_drop_last: true` drops the last partial batch of a shuffled finetuning (LPA's loader).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class DyToxOptions(MethodOptions):
     finetune_epochs: int = 20  # 0: no finetuning phase
     finetune_lr: float = 5.0e-5  # scaled like train.lr (x train.batch_size / train.lr_scale_batch)
     finetune_order: Literal["shuffled", "stored_drop_last"] = "shuffled"
+    finetune_drop_last: bool = False  # LPA's recipe: drop finetuning's last partial batch (stored_drop_last drops it)
     frozen_encoder_mode: Literal["train", "eval"] = "train"
     repeated_augmentation: int = 1  # 3 in the public code (DeiT's RASampler) for the "train" phase
     repeated_augmentation_mode: Literal["deit", "extend"] = "deit"  # deit: epochs keep their length
@@ -140,8 +142,8 @@ class DyTox(Method[DyToxOptions]):
             stored = o.finetune_order == "stored_drop_last"
             phases.append(Phase.from_train("finetune", "memory", t, task.index, epochs=o.finetune_epochs,
                                            lr=t.scaled_lr(o.finetune_lr), schedule="constant", warmup_epochs=0,
-                                           shuffle=not stored,
-                                           drop_last=stored, repeats=o.finetune_repeated_augmentation,
+                                           shuffle=not stored, drop_last=stored or o.finetune_drop_last,
+                                           repeats=o.finetune_repeated_augmentation,
                                            repeat_mode=o.repeated_augmentation_mode))
         return phases
 
