@@ -60,3 +60,22 @@ def test_train_transform_runs_randaugment_on_grey_and_rgb():
         aug = BatchAugment(AugmentConfig(crop_padding=2, hflip=True, randaugment_n=2), (0.5,), (0.5,), channels=c)
         out = aug.train(torch.randint(0, 256, (4, c, 16, 16), dtype=torch.uint8))
         assert out.shape == (4, c, 16, 16) and torch.isfinite(out).all()
+
+
+def test_randaugment_fill_is_the_mean_unless_given():
+    from vitcl.data.augment import BatchAugment
+    from vitcl.errors import ConfigError
+    from vitcl.runconfig import load_config
+
+    mean = (0.5071, 0.4867, 0.4408)
+    default = BatchAugment(AugmentConfig(randaugment="rand-m9-mstd0.5-inc1"), mean, (0.2, 0.2, 0.2), 3)
+    assert default.timm_randaugment.fill == (129, 124, 112)
+    given = BatchAugment(AugmentConfig(randaugment="rand-m9-mstd0.5-inc1", randaugment_fill=[124, 116, 104]),
+                         mean, (0.2, 0.2, 0.2), 3)
+    assert given.timm_randaugment.fill == (124, 116, 104)
+    with pytest.raises(ConfigError, match="data.augment.randaugment_fill"):
+        BatchAugment(AugmentConfig(randaugment="rand-m9-mstd0.5-inc1", randaugment_fill=[1, 2]), mean, mean, 3)
+    cfg, _ = load_config(["dytox/cifar100-b0inc10"])  # DyTox's code fills with ImageNet's mean on CIFAR too
+    assert cfg.data.augment.randaugment_fill == [124, 116, 104]
+    with pytest.raises(ConfigError, match="^data.augment.randaugment_fill: expected uint8"):
+        load_config(["dytox/cifar100-b0inc10"], ["data.augment.randaugment_fill=[300, 0, 0]"])

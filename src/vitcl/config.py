@@ -36,6 +36,9 @@ class AugmentConfig:
     # timm's RandAugment, per image (data/randaugment.py): a timm policy string such as rand-m9-mstd0.5-inc1
     randaugment: str | None = None
     randaugment_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # its rotate, shear and translate
+    # uint8 value per channel where rotate, shear and translate leave the image; null: the normalisation mean
+    # (timm's img_mean, from the mean create_transform is given)
+    randaugment_fill: list[int] | None = None
     randaugment_n: int = 0  # kornia's batch-level RandAugment: n ops (0: off), magnitude m on its 0..30 scale
     randaugment_m: int = 9
     mixup_alpha: float = 0.0

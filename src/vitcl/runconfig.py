@@ -228,6 +228,8 @@ def validate(cfg: Config) -> None:
     if any(i < 1 for i in inc) or d.initial_increment < 0:
         raise ConfigError(f"data.increment: expected positive class counts, got {d.increment}")
     a = d.augment
+    if a.randaugment_fill is not None and not all(0 <= v <= 255 for v in a.randaugment_fill):
+        raise ConfigError(f"data.augment.randaugment_fill: expected uint8 values in 0..255, got {a.randaugment_fill}")
     if not 0 <= a.label_smoothing < 1:
         raise ConfigError(f"data.augment.label_smoothing: expected a value in [0, 1), got {a.label_smoothing}")
     if a.randaugment_n < 0 or not 0 <= a.randaugment_m <= 30:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AugmentConfig
+from ..errors import ConfigError
 from .randaugment import TimmRandAugment, parse_policy
 
 
@@ -29,7 +30,10 @@ class BatchAugment:
         self.randaugment = None
         self.timm_randaugment = None
         if cfg.randaugment is not None:
-            fill = tuple(min(255, round(255 * v)) for v in mean)  # timm's img_mean
+            fill = tuple(cfg.randaugment_fill or (min(255, round(255 * v)) for v in mean))  # timm's img_mean
+            if len(fill) not in (1, channels) or not all(0 <= v <= 255 for v in fill):
+                raise ConfigError(f"data.augment.randaugment_fill: expected 1 or {channels} values in 0..255, "
+                                  f"got {list(fill)}")
             self.timm_randaugment = TimmRandAugment(parse_policy(cfg.randaugment), fill,
                                                     cfg.randaugment_interpolation)
         elif cfg.randaugment_n > 0:
