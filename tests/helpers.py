@@ -1,4 +1,5 @@
 """Shared test settings: a tiny digits run that takes a second or two on CPU."""
+import json
 import os
 import subprocess
 import sys
@@ -19,3 +20,20 @@ def run_cli(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedPr
     if check and proc.returncode:
         raise AssertionError(f"vitcl {' '.join(args)} failed:\n{proc.stderr}")
     return proc
+
+
+# fields of metrics.jsonl and results.json that differ between two runs of the same config (wall clock, memory)
+TIMING = ("seconds", "images_per_s", "peak_memory_bytes")
+
+
+def without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+def metrics_records(run_dir: Path) -> list:
+    """metrics.jsonl of a run, timing fields aside."""
+    return [without_timing(json.loads(x)) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -90,16 +90,19 @@ def markdown_files() -> list[Path]:
             and (p.relative_to(ROOT).parts[0] == "docs" or p.relative_to(ROOT).as_posix() in ("README.md", "BENCHMARKS.md"))]
 
 
-def test_no_file_cites_a_document_outside_the_repository():
+def tracked_lines():
+    """(path, line number, line) of every tracked text file but this one."""
     me = Path(__file__).resolve()
-    bad = []
     for path in tracked_files():
         if path.resolve() == me or (source := text(path)) is None:
             continue
         for number, line in enumerate(source.splitlines(), 1):
-            for word in FORBIDDEN:
-                if word in line:
-                    bad.append(f"{path.relative_to(ROOT)}:{number}: {word!r}")
+            yield path, number, line
+
+
+def test_no_file_cites_a_document_outside_the_repository():
+    bad = [f"{path.relative_to(ROOT)}:{number}: {word!r}"
+           for path, number, line in tracked_lines() for word in FORBIDDEN if word in line]
     assert not bad, "outside references:\n" + "\n".join(bad)
 
 
@@ -121,14 +124,10 @@ def test_markdown_links_resolve():
 
 
 def test_cited_docs_pages_and_anchors_exist():
-    me = Path(__file__).resolve()
     bad = []
-    for path in tracked_files():
-        if path.resolve() == me or (source := text(path)) is None:
-            continue
-        for number, line in enumerate(source.splitlines(), 1):
-            for target in DOC_CITATION.findall(line):
-                problem = resolve(target, ROOT)
-                if problem:
-                    bad.append(f"{path.relative_to(ROOT)}:{number}: {target} ({problem})")
+    for path, number, line in tracked_lines():
+        for target in DOC_CITATION.findall(line):
+            problem = resolve(target, ROOT)
+            if problem:
+                bad.append(f"{path.relative_to(ROOT)}:{number}: {target} ({problem})")
     assert not bad, "citations of missing docs:\n" + "\n".join(bad)

@@ -11,23 +11,11 @@ import time
 
 import torch
 
-from helpers import SRC, TINY, run_cli
+from helpers import SRC, TINY, run_cli, without_timing
+from helpers import metrics_records as records
 
-TIMING = ("seconds", "images_per_s", "peak_memory_bytes")
 ARGS = ["replay/digits-b0inc2", *TINY, "train.eval_every=1"]  # 5 tasks of 2 epochs, a periodic record per epoch
 KILLS = 3
-
-
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
-
-
-def records(run_dir):
-    return [without_timing(json.loads(x)) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _wait_for(path, proc):

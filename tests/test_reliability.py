@@ -13,12 +13,11 @@ import pytest
 import torch
 import yaml
 
-from helpers import SRC, TINY, run_cli
+from helpers import SRC, TINY, run_cli, without_timing
+from helpers import metrics_records as metrics
 from vitcl import cli
 from vitcl.engine import checkpoint
 
-# fields that legitimately differ between two runs of the same config: wall time, throughput, peak memory
-TIMING = ("seconds", "images_per_s", "peak_memory_bytes")
 SMALL = ["replay/digits-b0inc2", *TINY, "data.increment=5"]  # two tasks
 ONE_THREAD = "run.threads=1"  # the same float sums in this process and in a subprocess
 
@@ -37,18 +36,6 @@ def after_start(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("run folder: "), text
     return lines[2]
-
-
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
-
-
-def metrics(run_dir) -> list[dict]:
-    return [without_timing(json.loads(x)) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def results(run_dir) -> dict:
@@ -148,12 +135,18 @@ def finished_run(tmp_path_factory):
     return out / "x"
 
 
-def test_resume_after_the_config_was_edited_names_the_key(tmp_path, finished_run):
+def edited_copy(finished_run, tmp_path, section: str, key: str, value):
+    """A copy of the finished run whose config.yaml has section.key set to value."""
     shutil.copytree(finished_run, tmp_path / "x")
     path = tmp_path / "x" / "config.yaml"
     doc = yaml.safe_load(path.read_text())
-    doc["model"]["embed_dim"] = 32
+    doc[section][key] = value
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return tmp_path / "x"
+
+
+def test_resume_after_the_config_was_edited_names_the_key(tmp_path, finished_run):
+    edited_copy(finished_run, tmp_path, "model", "embed_dim", 32)
     proc = run_cli("resume", str(tmp_path / "x"), "-q")
     assert proc.returncode == 2
     line = one_line(proc)
@@ -162,11 +155,7 @@ def test_resume_after_the_config_was_edited_names_the_key(tmp_path, finished_run
 
 
 def test_resume_after_a_harmless_edit_says_so(tmp_path, finished_run):
-    shutil.copytree(finished_run, tmp_path / "x")
-    path = tmp_path / "x" / "config.yaml"
-    doc = yaml.safe_load(path.read_text())
-    doc["eval"]["batch_size"] = 32
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    edited_copy(finished_run, tmp_path, "eval", "batch_size", 32)
     proc = run_cli("resume", str(tmp_path / "x"), "-q", check=True)
     assert "note: eval.batch_size (was 64, now 32) changed" in proc.stderr
 
