@@ -405,10 +405,16 @@ def _verify_dataset(name: str, root: str | None, workers: int) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .runconfig import preset_names
+    from .runconfig import load_source, preset_names
 
     for name in preset_names():
-        print(name)
+        if not args.published:
+            print(name)
+            continue
+        pub = load_source(name).get("published") or {}
+        values = ", ".join(f"{k} {v}" for k, v in (pub.get("values") or {}).items())
+        cell = ", ".join(str(pub[k]) for k in ("source", "row", "column") if pub.get(k))
+        print(f"{name}: {cell}: {values}" if values else f"{name}: -")
     return 0
 
 
@@ -449,6 +455,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2, help="decoding processes for --verify (default: 2)")
     r.set_defaults(fn=cmd_datasets)
     r = sub.add_parser("presets", help="list the preset configs")
+    r.add_argument("--published", action="store_true", help="with the published cell each preset aims at")
     r.set_defaults(fn=cmd_presets)
     return p
 

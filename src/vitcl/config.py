@@ -134,6 +134,37 @@ class EvalConfig:
     analysis_images: int = 4  # images in the heat-map grid (the first ones of the held-out batch)
 
 
+# the metrics a `published.values` entry may name (eval/report.py reads each from results.json): class-IL Avg,
+# Last, forgetting, top-5 Avg and Last; task-IL Avg, Last, forgetting, and the mean of each task's best accuracy
+# while it trained (the Mask-RKR code's protocol); the final parameter count in millions. Accuracies in percent.
+PUBLISHED_METRICS = ("avg", "last", "forgetting", "avg_top5", "last_top5", "task_il_avg", "task_il_last",
+                     "task_il_forgetting", "task_il_avg_best", "params_m")
+
+
+@dataclass
+class PublishedConfig:
+    """The published cell a reproduction preset aims at (its header says the same in words). It changes nothing
+    in the run; `vitcl report` prints it beside the measured values."""
+
+    source: str = ""  # paper (or erratum) and table, e.g. "DyTox erratum, Table 1 (CIFAR-100, B0)"
+    row: str = ""  # the table's row, e.g. "DyTox, distributed memory, 2 GPUs"
+    column: str = ""  # e.g. "10 steps"
+    values: dict[str, float] = field(default_factory=dict)  # metric (PUBLISHED_METRICS) -> published number
+    std: dict[str, float] = field(default_factory=dict)  # the printed +- where the table gives one
+
+    def validate(self, key: str) -> None:
+        for part in ("values", "std"):
+            for name, value in getattr(self, part).items():
+                if name not in PUBLISHED_METRICS:
+                    raise ConfigError(f"{key}.{part}.{name}: unknown metric; expected one of: "
+                                      f"{', '.join(PUBLISHED_METRICS)}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ConfigError(f"{key}.{part}.{name}: expected a finite number, got {value!r}")
+        extra = set(self.std) - set(self.values)
+        if extra:
+            raise ConfigError(f"{key}.std.{sorted(extra)[0]}: a std without a published value")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -143,6 +174,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    published: PublishedConfig = field(default_factory=PublishedConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -20,7 +20,7 @@ from .models import MODELS
 from .registry import Registry
 
 PRESET_DIR = Path(__file__).parent / "configs"
-SECTIONS = ("run", "data", "model", "method", "memory", "train", "eval")
+SECTIONS = ("run", "data", "model", "method", "memory", "train", "eval", "published")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 RUN_CONFIG = "config.yaml"  # in a run folder: the resolved config, with the sources and overrides it came from
 

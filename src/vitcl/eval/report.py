@@ -56,7 +56,42 @@ def build_results(cfg, scenario, evals: list[dict], tasks: list[dict], method,
         first = tasks[0]["params"]
         out["params"] = {"per_task": [t["params"] for t in tasks], "final": tasks[-1]["params"],
                          "growth_per_task": [t["params"] - first for t in tasks]}
+    published = getattr(cfg, "published", None)
+    if published is not None and published.values:
+        out["published"] = {"source": published.source, "row": published.row, "column": published.column,
+                            "values": dict(published.values), "std": dict(published.std)}
     return out
+
+
+def measured(results: dict, metric: str) -> float | None:
+    """The run's value of a `published.values` metric (None where the run has no such number)."""
+    cil, til = results.get("class_il") or {}, results.get("task_il") or {}
+    if metric == "params_m":
+        final = (results.get("params") or {}).get("final")
+        return final / 1e6 if final is not None else None
+    if metric == "last_top5":
+        seen = cil.get("seen_topk") or []
+        return seen[-1] if seen else None
+    section = til if metric.startswith("task_il_") else cil
+    key = {"avg": "avg_incremental", "last": "last", "forgetting": "forgetting", "avg_top5": "avg_incremental_topk",
+           "avg_best": "avg_best_during_training"}[metric.removeprefix("task_il_")]
+    value = section.get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def published_rows(results: dict) -> list[tuple[str, float, float | None, float | None]]:
+    """(metric, published value, measured value, measured - published) for each number the run's preset names."""
+    pub = results.get("published") or {}
+    rows = []
+    for metric, value in (pub.get("values") or {}).items():
+        got = measured(results, metric)
+        rows.append((metric, value, got, None if got is None else got - value))
+    return rows
+
+
+def published_cell(results: dict) -> str:
+    pub = results.get("published") or {}
+    return ", ".join(p for p in (pub.get("source"), pub.get("row"), pub.get("column")) if p)
 
 
 def _fmt(v, digits=2) -> str:
@@ -84,7 +119,17 @@ def summary_table(results: dict) -> str:
         lines.append(f"{'best while training*':>22}{_fmt(None):>10}{_fmt(til['avg_best_during_training']):>10}")
         lines.append("* mean over tasks of each task's best accuracy during its own training (the public Mask-RKR "
                      "code's protocol; old tasks are not re-evaluated there)")
+    rows = published_rows(results)
+    if rows:
+        done = "" if results["tasks_done"] == results["num_tasks"] else " (the run has not finished its tasks)"
+        lines += ["", f"published: {published_cell(results)}{done}"]
+        lines += [f"{metric:>22}{_fmt(value):>10} measured {_fmt(got)} ({_signed(diff)})"
+                  for metric, value, got, diff in rows]
     return "\n".join(lines)
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
 
 
 def load_results(run_dir: Path) -> dict:
@@ -142,4 +187,13 @@ def comparison_table(run_dirs: list[Path]) -> str:
                     f"| {_fmt(cil.get('avg_incremental'))} | {_fmt(cil.get('last'))} | {_fmt(cil.get('forgetting'))} "
                     f"| {_fmt(til.get('avg_incremental'))} | {_fmt(til.get('last'))} | {_fmt(til.get('forgetting'))} "
                     f"| {f'{params / 1e6:.2f}M' if params else '-'} | {secs:.0f} |")
+    targets = []
+    for d in run_dirs:
+        r = load_results(d)
+        for metric, value, got, diff in published_rows(r):
+            targets.append(f"| {Path(d).name} | {published_cell(r)} | {metric} | {_fmt(value)} | {_fmt(got)} "
+                           f"| {_signed(diff)} |")
+    if targets:
+        rows += ["", "| run | published cell | metric | published | measured | difference |",
+                 "|---|---|---|---|---|---|", *targets]
     return "\n".join(rows)
