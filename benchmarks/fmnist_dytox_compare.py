@@ -43,23 +43,36 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="/tmp/fmnist-dytox")
     args = ap.parse_args()
-    common = ["model.name=convit", "model.patch_size=4", "model.embed_dim=64", "model.depth=3",
-              "model.local_up_to_layer=2", "model.num_heads=4", "model.mlp_ratio=2.0", "model.drop_path=0.0",
-              f"data.train_per_class={args.per_class}", f"data.test_per_class={args.test_per_class}",
-              "memory.size=200", "memory.selection=herding",
-              f"train.epochs={args.epochs}", "train.batch_size=32", "train.optimizer=adamw", "train.lr=2e-3",
-              "train.weight_decay=1e-6", "train.warmup_epochs=1", "train.min_lr=1e-5", "eval.batch_size=500",
-              f"run.threads={args.threads}", "run.progress=false", f"run.out_dir={args.out}"]
+    common = common_overrides(args)
     rows = []
     for name in args.methods.split(","):
-        overrides = common + METHODS[name] + [f"run.name={name}"]
-        t0 = time.perf_counter()
-        code = cli.main(["run", "-q", "data/fashion-mnist-b0inc2", *overrides])
-        seconds = time.perf_counter() - t0
-        assert code == 0, f"{name}: exit {code}"
-        r = json.loads((Path(args.out) / name / "results.json").read_text())
-        rows.append((name, r, seconds))
-        print(f"# {name}: done in {seconds:.0f}s", flush=True)
+        rows.append(run(name, ["data/fashion-mnist-b0inc2"], common + METHODS[name], args.out))
+    print_table(rows, args)
+
+
+def common_overrides(args) -> list[str]:
+    """The small ConViT, the recipe and the data budget every row shares."""
+    return ["model.name=convit", "model.patch_size=4", "model.embed_dim=64", "model.depth=3",
+            "model.local_up_to_layer=2", "model.num_heads=4", "model.mlp_ratio=2.0", "model.drop_path=0.0",
+            f"data.train_per_class={args.per_class}", f"data.test_per_class={args.test_per_class}",
+            "memory.size=200", "memory.selection=herding",
+            f"train.epochs={args.epochs}", "train.batch_size=32", "train.optimizer=adamw", "train.lr=2e-3",
+            "train.weight_decay=1e-6", "train.warmup_epochs=1", "train.min_lr=1e-5", "eval.batch_size=500",
+            f"run.threads={args.threads}", "run.progress=false", f"run.out_dir={args.out}"]
+
+
+def run(name: str, sources: list[str], overrides: list[str], out: str) -> tuple[str, dict, float]:
+    """One run into OUT/name: (name, its results.json, wall seconds)."""
+    t0 = time.perf_counter()
+    code = cli.main(["run", "-q", *sources, *overrides, f"run.name={name}"])
+    seconds = time.perf_counter() - t0
+    assert code == 0, f"{name}: exit {code}"
+    r = json.loads((Path(out) / name / "results.json").read_text())
+    print(f"# {name}: done in {seconds:.0f}s", flush=True)
+    return name, r, seconds
+
+
+def print_table(rows: list[tuple[str, dict, float]], args) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     print(f"budget: {args.per_class} training images per class, {args.epochs} epochs per task, batch 32, "
