@@ -95,3 +95,29 @@ def test_lookup_finds_extras_by_row_and_follows_changes():
     for missing in (dropped, 999):
         with pytest.raises(KeyError):
             mem.lookup("logits", torch.tensor([missing]))
+
+
+def test_herding_in_class_groups_picks_as_one_group(monkeypatch):
+    """The Gram matrices are built for groups of classes that fit a byte budget; the grouping changes nothing."""
+    from vitcl.data import memory
+
+    g = torch.Generator().manual_seed(3)
+    feats = F.normalize(torch.randn(4, 30, 16, generator=g), dim=2)
+    valid = torch.ones(4, 30, dtype=torch.bool)
+    valid[1, 20:] = False
+    valid[3, 7:] = False
+    together = memory.herding(feats, valid, 12)
+    again = memory.herding_with_replacement(feats, valid, 12)
+    monkeypatch.setattr(memory, "GRAM_BYTES", 1)  # one class per group
+    assert len(memory.class_groups(4, 30)) == 4
+    assert [p.tolist() for p in memory.herding(feats, valid, 12)] == [p.tolist() for p in together]
+    assert [p.tolist() for p in memory.herding_with_replacement(feats, valid, 12)] == [p.tolist() for p in again]
+
+
+def test_herding_matches_the_reference_with_many_picks_in_float32():
+    """A larger class in the selector's float32: the Gram-matrix expansion picks what the direct distance does."""
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(120, 48, generator=g)
+    classes = torch.zeros(120, dtype=torch.long)
+    (rows,) = HerdingSelector().select(feats, classes, k=70)
+    assert rows.tolist() == herding_reference(feats.double(), 70)

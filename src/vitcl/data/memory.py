@@ -143,24 +143,62 @@ class ConfidenceSelector(Selector):
         return out
 
 
+GRAM_BYTES = 256 * 1024**2  # classes are herded in groups whose Gram matrices fit in this many bytes
+
+
+def class_groups(C: int, n: int, itemsize: int = 4) -> list[slice]:
+    """Consecutive groups of classes whose (group, n, n) Gram matrices stay under GRAM_BYTES (one class at least)."""
+    per = max(1, GRAM_BYTES // max(1, n * n * itemsize))
+    return [slice(i, min(i + per, C)) for i in range(0, C, per)]
+
+
+class GramRows:
+    """Dot products among a group of classes' candidates, from one (C, n, n) Gram matrix (one matrix product):
+    `row(best)` gives <x_best[c], x_i> (C, n) for one pick per class, `mean_dot` <mu_c, x_i> and `sq` ||x_i||^2
+    (C, n); padded rows are zero."""
+
+    def __init__(self, feats: torch.Tensor, valid: torch.Tensor):
+        x = feats * valid[..., None]
+        self.arange = torch.arange(feats.shape[0], device=feats.device)
+        self.gram = torch.bmm(x, x.transpose(1, 2))
+        self.mean_dot = self.gram.sum(1) / valid.sum(1).clamp(min=1)[:, None]  # <mu, x_i> = sum_j <x_j, x_i> / n
+        self.sq = self.gram.diagonal(dim1=1, dim2=2)
+
+    def row(self, best: torch.Tensor) -> torch.Tensor:
+        return self.gram[self.arange, best]
+
+
 def herding(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[torch.Tensor]:
     """feats (C, n, d), valid (C, n). Step j picks, per class, the unpicked sample whose addition brings the
-    running mean of picks closest to the class mean. Returns per class the picked positions in order."""
-    C, n, d = feats.shape
-    counts = valid.sum(1)
-    mu = (feats * valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
-    running = feats.new_zeros(C, d)
+    running mean of picks closest to the class mean. Returns per class the picked positions in order.
+
+    With s the sum of the j picks so far, ||mu - (s + x) / (j + 1)||^2 is, up to terms without x and the factor
+    1 / (j + 1)^2, ||x||^2 + 2 <s, x> - 2 (j + 1) <mu, x>: every step needs only <s, x>, which grows by the
+    Gram matrix's row of the pick (`GramRows`): O(n) per step after one (n, n) matrix product per class, instead of
+    building (n, d) candidate means at every step."""
+    C, n, _ = feats.shape
+    out: list[torch.Tensor] = []
+    for group in class_groups(C, n):
+        out += _herding_group(feats[group], valid[group], k)
+    return out
+
+
+def _herding_group(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[torch.Tensor]:
+    C, n, _ = feats.shape
+    steps = min(k, n)
+    dots = GramRows(feats, valid)
+    mean_dot, sq = dots.mean_dot, dots.sq
+    sum_dot = torch.zeros_like(mean_dot)  # <s, x_i>
     available = valid.clone()
-    picks = torch.full((C, min(k, n)), -1, dtype=torch.long, device=feats.device)
-    for j in range(min(k, n)):
-        candidate_mean = (running[:, None, :] + feats) / (j + 1)  # (C, n, d)
-        dist = (mu[:, None, :] - candidate_mean).norm(dim=2)
-        dist = dist.masked_fill(~available, float("inf"))
-        best = dist.argmin(1)
+    arange = torch.arange(C, device=feats.device)
+    picks = torch.full((C, steps), -1, dtype=torch.long, device=feats.device)
+    for j in range(steps):
+        score = (sq + 2 * sum_dot - 2 * (j + 1) * mean_dot).masked_fill(~available, float("inf"))
+        best = score.argmin(1)
         live = available.any(1)
         picks[:, j] = torch.where(live, best, torch.full_like(best, -1))
-        running = running + torch.where(live[:, None], feats[torch.arange(C), best], torch.zeros_like(running))
-        available[torch.arange(C)[live], best[live]] = False
+        sum_dot += dots.row(best) * live[:, None]
+        available[arange[live], best[live]] = False
     return [p[p >= 0].cpu() for p in picks]
 
 
@@ -169,12 +207,26 @@ def herding_with_replacement(feats: torch.Tensor, valid: torch.Tensor, k: int,
     """feats (C, n, d) unit rows, valid (C, n). iCaRL's original loop: w = mu, then per step pick
     argmax_i <w, x_i> over every valid sample and set w <- w + mu - x_pick, until min(k, n_c) distinct samples
     are picked or `max_steps` steps ran. Returns per class the distinct picks in first-pick order, completed
-    with unpicked samples in candidate order up to min(k, n_c)."""
-    C, n, d = feats.shape
+    with unpicked samples in candidate order up to min(k, n_c).
+
+    After s steps w = (s + 1) mu - (sum of the picks), so <w, x> = (s + 1) <mu, x> - <picks, x>: the same Gram
+    matrix expansion as `herding`."""
+    C, n, _ = feats.shape
+    out: list[torch.Tensor] = []
+    for group in class_groups(C, n):
+        out += _herding_with_replacement_group(feats[group], valid[group], k, max_steps)
+    return out
+
+
+def _herding_with_replacement_group(feats: torch.Tensor, valid: torch.Tensor, k: int,
+                                    max_steps: int) -> list[torch.Tensor]:
+    C, n, _ = feats.shape
+    dots = GramRows(feats, valid)
+    mean_dot = dots.mean_dot
     counts = valid.sum(1)
     target = counts.clamp(max=k)
-    mu = (feats * valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
-    w = mu.clone()
+    picked_dot = torch.zeros_like(mean_dot)  # <sum of the picks, x_i>
+    steps = torch.zeros(C, dtype=torch.long, device=feats.device)  # steps taken per class (active ones step)
     never = n + 1  # first-pick step of a sample never picked
     first = torch.full((C, n), never, dtype=torch.long, device=feats.device)
     n_picked = torch.zeros(C, dtype=torch.long, device=feats.device)
@@ -183,12 +235,13 @@ def herding_with_replacement(feats: torch.Tensor, valid: torch.Tensor, k: int,
         active = n_picked < target
         if not bool(active.any()):
             break
-        score = torch.einsum("cnd,cd->cn", feats, w).masked_fill(~valid, float("-inf"))
+        score = ((steps + 1)[:, None] * mean_dot - picked_dot).masked_fill(~valid, float("-inf"))
         best = score.argmax(1)
         new = active & (first[arange, best] == never)
         first[arange[new], best[new]] = n_picked[new]
         n_picked = n_picked + new.long()
-        w = w + torch.where(active[:, None], mu - feats[arange, best], torch.zeros_like(w))
+        picked_dot += dots.row(best) * active[:, None]
+        steps = steps + active.long()
     key = first.masked_fill(~valid, never + 1)
     order = torch.sort(key, dim=1, stable=True).indices
     return [order[c, : int(target[c])].cpu() for c in range(C)]
