@@ -101,6 +101,23 @@ def test_lambda_std_is_configurable():
     assert 0.4 < lam.std() < 0.6
 
 
+def test_lambda_std_zero_starts_purely_positional():
+    """std 0: every lambda_h is 0, so A_h = softmax(v_h . r) whatever the content, and lambda_h still learns."""
+    torch.manual_seed(0)
+    m = LPSA(dim=16, num_heads=4, num_patches=9, lambda_std=0.0)
+    assert torch.equal(m.lambdas, torch.zeros(4))
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    out = m(x)
+    assert torch.allclose(out, lpsa_reference(m, x), atol=1e-5)
+    r = rel_loops(3)
+    for h in range(4):
+        want = (r @ m.pos_proj.weight[h, :3]).softmax(-1)  # (N, N), the same for every sample
+        for b in range(2):
+            torch.testing.assert_close(m.attention_map(x)[b, h], want)
+    (g,) = torch.autograd.grad(out.square().sum(), [m.pos_proj.weight])
+    assert g[:, 3].abs().sum() > 0
+
+
 def test_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         LPSA(dim=8, num_heads=2, num_patches=10)

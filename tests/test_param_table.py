@@ -24,9 +24,22 @@ TABLE = {
 # "Ours K+": K raised to RKR's size (K = 17 / 19 / 18); the ImageNet rows of the table, except ResNet-18's 12.43
 KPLUS = {"mask-rkr/cifar100-10tasks-{}-kplus": [(11.74, 5.05), (89.87, 4.92), (1.43, 19.56)],
          "mask-rkr/imagenet-10tasks-{}-kplus": [None, (90.71, 5.63), (92.30, 6.28)]}
+# The two ablation tables of the Mask-RKR slides (docs/methods/taskil.md#ablations), one preset per row: masks on
+# RG and/or SFG, and where Piggyback goes in the RG (nowhere, on the product R, on LM and RM)
+ABLATION = {
+    "rg-real-sfg-real": [(11.74, 5.05), (89.88, 4.92), (1.43, 19.72)],
+    "rg-mask-sfg-real": [(11.33, 1.38), (87.07, 1.64), (1.28, 6.59)],
+    "rg-real-sfg-mask": [(11.69, 4.68), (89.15, 4.08), (1.40, 17.20)],
+    "rg-mask-sfg-mask": [(11.28, 1.01), (86.26, 0.70), (1.24, 3.79)],
+    "pb-none": [(11.69, 4.68), (89.15, 4.08), (1.40, 17.20)],
+    "pb-product": [(14.41, 29.00), (110.05, 28.48), (1.55, 29.32)],
+    "pb-factors": [(11.28, 1.01), (86.26, 0.70), (1.24, 3.79)],
+}
 CASES = [(f"{p}-{bb}", want) for p, row in TABLE.items() for bb, want in zip(("resnet18", "vit-b16", "swin"), row)]
 CASES += [(p.format(bb), want) for p, row in KPLUS.items() for bb, want in zip(("resnet18", "vit-b16", "swin"), row)
           if want]
+CASES += [(f"mask-rkr/cifar100-10tasks-{bb}-{row}", want) for row, wants in ABLATION.items()
+          for bb, want in zip(("resnet18", "vit-b16", "swin"), wants)]
 
 
 @pytest.mark.parametrize("preset,want", CASES, ids=[c[0] for c in CASES])
@@ -51,6 +64,19 @@ def test_table_presets_use_the_reference_batchnorm(preset):
     assert load_config([preset], ["method.bn=task"])[0].method.bn == "task"
 
 
+def test_ablation_presets_set_what_their_row_names():
+    """Each ablation row's masks, and the spare scale factors only where the published count holds them."""
+    want = {"rg-real-sfg-real": ("real", "real"), "rg-mask-sfg-real": ("mask", "real"),
+            "rg-real-sfg-mask": ("real", "mask"), "rg-mask-sfg-mask": ("mask", "mask"), "pb-none": ("real", "mask"),
+            "pb-product": ("mask-product", "mask"), "pb-factors": ("mask", "mask")}
+    assert set(want) == set(ABLATION)
+    for row, (rg, sfg) in want.items():
+        for bb in ("resnet18", "vit-b16", "swin"):
+            o = load_config([f"mask-rkr/cifar100-10tasks-{bb}-{row}"])[0].method
+            assert (o.name, o.rank, o.rg, o.sfg_mode) == ("mask-rkr", 2, rg, sfg)
+            assert o.sfg_spare == (row == "rg-mask-sfg-real" and bb != "resnet18")
+
+
 def test_exact_counts_per_task():
     cfg, _ = load_config(["mask-rkr/cifar100-10tasks-vit-b16"])
     rows, _ = param_rows(cfg)
@@ -61,6 +87,11 @@ def test_exact_counts_per_task():
     cfg, _ = load_config(["rkr/cifar100-10tasks-resnet18"])
     rows, _ = param_rows(cfg)
     assert rows[1]["growth"] == 51_818 + 5_130 and rows[0]["trainable"] == 51_818 + 5_130
+    # the spare F of ViT-B/16 (82,944 = 12 blocks x (4 x 768 + 3,072 + 768)): once in the total, never trained
+    plain, _ = param_rows(load_config(["mask-rkr/cifar100-10tasks-vit-b16"], ["method.sfg_mode=real"])[0])
+    spare, _ = param_rows(load_config(["mask-rkr/cifar100-10tasks-vit-b16-rg-mask-sfg-real"])[0])
+    assert [s["total"] - p["total"] for s, p in zip(spare, plain)] == [82_944] * 10
+    assert [s["trainable"] for s in spare] == [p["trainable"] for p in plain]
 
 
 def test_every_task_il_preset_builds():

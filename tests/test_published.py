@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_param_table import KPLUS, TABLE
+from test_param_table import CASES
 from vitcl.cli import main
 from vitcl.config import PublishedConfig
 from vitcl.errors import ConfigError
@@ -35,11 +35,16 @@ def test_every_published_preset_loads_and_names_its_cell():
 
 def test_published_parameter_counts_are_the_tables():
     """The presets' published #P and the parameter table the counts are tested against are the same numbers."""
-    table = {f"{p}-{bb}": want[0] for p, row in TABLE.items() for bb, want in zip(("resnet18", "vit-b16", "swin"), row)}
-    table.update({p.format(bb): want[0] for p, row in KPLUS.items() for bb, want in zip(("resnet18", "vit-b16", "swin"),
-                                                                                        row) if want})
-    for preset, params in table.items():
+    assert len(CASES) >= 56
+    for preset, (params, _) in CASES:
         assert load_config([preset])[0].published.values["params_m"] == params, preset
+
+
+def test_a_preset_built_on_another_does_not_inherit_its_cell():
+    assert load_config(["lpa/cifar100-b50inc10"])[0].published.values["last"] == 68.52
+    assert load_config(["lpa/cifar100-b50inc10-lambda-0.1"])[0].published.values == {}
+    overlaid = load_config(["dytox/cifar100-b0inc10-global", "overlays/dytox-fixes"])[0]
+    assert overlaid.published.values["avg"] == 67.33  # an overlay stacked on the command line keeps the target
 
 
 def _results(published: PublishedConfig) -> dict:

@@ -1,4 +1,6 @@
 """Parameter surgery (Piggyback, RKR, Mask-RKR) against direct, slow transcriptions of docs/methods/taskil.md."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,6 +205,42 @@ def test_batchnorm_modes():
     shared.train()
     shared(x)
     assert not torch.equal(shared.running_mean, bn.running_mean)
+
+
+def test_spare_scale_factors_change_the_count_only():
+    """sfg_spare (the public ViT/Swin code's unused shared F under SFGnoPB): one more F per SFG layer in the count,
+    the same outputs for every task as without it, never trained."""
+    torch.manual_seed(0)
+    make = [nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1, bias=False)]
+    nets = []
+    for spare in (False, True):
+        net = nn.Sequential(*[copy.deepcopy(m) for m in make])
+        apply_surgery(net, [LayerRule("0"), LayerRule("3", sfg=False)],
+                      TaskParams(rank=2, sfg=True, later="mask", sfg_later="real", sfg_spare=spare))
+        add_task(net)
+        add_task(net)
+        nets.append(net)
+    plain, spare = nets
+    gen = torch.Generator().manual_seed(1)
+    for (n, p), (m, q) in zip(plain.named_parameters(), [(m, q) for m, q in spare.named_parameters()
+                                                          if not m.endswith("f_spare")]):
+        assert n == m
+        with torch.no_grad():
+            p.copy_(scores_like(p, gen) if n.endswith("_score") else torch.randn(p.shape, generator=gen))
+            q.copy_(p)
+    assert count_parameters(spare) - count_parameters(plain) == 4  # the first conv's 4 channels; the 1x1 has no SFG
+    spares = [(n, p) for n, p in spare.named_parameters() if n.endswith("f_spare")]
+    assert [n for n, _ in spares] == ["0.f_spare"] and not spares[0][1].requires_grad
+    assert all(p is not spares[0][1] for t in (0, 1) for p in slot_parameters(spare, t))
+    x = torch.randn(2, 2, 5, 5)
+    for t in (0, 1):
+        set_task(plain, t)
+        set_task(spare, t)
+        plain.eval()
+        spare.eval()
+        torch.testing.assert_close(spare(x), plain(x))
+    with pytest.raises(ConfigError, match="spare"):
+        TaskParams(rank=2, sfg=True, sfg_later="mask", sfg_spare=True)
 
 
 def test_masks_cost_one_32nd():

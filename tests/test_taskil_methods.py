@@ -58,6 +58,7 @@ def task_logits(m, t: int) -> torch.Tensor:
     ("mask-rkr", [], TINY_RESNET),
     ("mask-rkr", ["method.rg=mask-product", "method.sfg_mode=real"], TINY_VIT),
     ("mask-rkr", ["method.rg=mask-lm"], TINY_RESNET),
+    ("mask-rkr", ["method.sfg_mode=real", "method.sfg_spare=true"], TINY_VIT),
     ("multi-head", [], TINY_RESNET),
     ("multi-head", ["method.backbone=first-task"], TINY_RESNET),
     ("single", [], TINY_RESNET),
@@ -135,6 +136,13 @@ def test_layer_patterns_from_config():
 
     with pytest.raises(ConfigError, match="method.layers"):
         make("rkr", "method.layers=[blocks.*.nothing]", model=TINY_VIT)
+
+
+def test_spare_scale_factors_need_real_ones():
+    from vitcl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method.sfg_spare: needs method.sfg_mode=real"):
+        load_config([BASE[0]], [*BASE[1:], *TINY_VIT, "method.name=mask-rkr", "method.sfg_spare=true"])
 
 
 def test_task_il_only():

@@ -119,6 +119,7 @@ def load_source(source: str, _seen: tuple = ()) -> dict:
     merged: dict = {}
     for d in defaults:
         merged = merge(merged, load_source(str(d), _seen + (path,)))
+    merged.pop("published", None)  # a preset built on another aims at its own cell, or at none
     return merge(merged, data)
 
 

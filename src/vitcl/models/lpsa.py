@@ -93,11 +93,14 @@ class LPSA(nn.Module):
     @torch.no_grad()
     def local_init(self) -> None:
         """Value weights = I and ConViT's local kernel on v_h (when use_local_init), then lambda_h ~
-        trunc-normal(lambda_std)."""
+        trunc-normal(lambda_std) (exactly 0 for std 0)."""
         if self.use_local_init:
             self.v.weight.copy_(torch.eye(self.dim))
             local_kernel_(self.pos_proj.weight, self.num_heads, self.locality_strength)
-        trunc_normal_(self.pos_proj.weight[:, 3], std=self.lambda_std)
+        if self.lambda_std > 0:
+            trunc_normal_(self.pos_proj.weight[:, 3], std=self.lambda_std)
+        else:  # std 0 (the low end of LPA's lambda analysis): lambda_h = 0, a purely positional start
+            self.pos_proj.weight[:, 3].zero_()
 
     @property
     def lambdas(self) -> torch.Tensor:

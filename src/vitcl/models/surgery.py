@@ -14,7 +14,9 @@ For task t the layer computes
   output channel (ones). A fused q,k,v Linear with `split=3` has separate factors per q, k and v (as for three
   Linears: 3·(768+768)·K rather than (768+2304)·K), which is what the ViT-B/16 per-task count 414,720 needs.
 - Mask-RKR: task 0 learns real LM_0, RM_0, F_0; task t >= 1 learns binary masks over them:
-  LM_t = B(S^LM_t) ⊙ LM_0 and so on. Variants per `TaskParams.later` / `sfg_later`.
+  LM_t = B(S^LM_t) ⊙ LM_0 and so on. Variants per `TaskParams.later` / `sfg_later`; with real per-task F_t
+  (`sfg_later="real"`), `sfg_spare` also keeps a shared F_0 that no task uses or trains, as the public ViT and Swin
+  code does (its only effect is on the parameter count).
 
 Parameters whose name ends in `_score` are binary masks at test time: `parameter_cost` counts them 1/32.
 """
@@ -109,6 +111,7 @@ class TaskParams:
     sfg: bool = False  # RKR scaling factors per output channel
     later: RGLater = "real"  # RG of tasks >= 1: real (RKR) | mask (Mask-RKR) | mask-lm | mask-rm | mask-product (PBwR)
     sfg_later: SFGLater = "real"  # SFG of tasks >= 1: real | mask
+    sfg_spare: bool = False  # with sfg_later real: one more F (ones) per layer, never used nor trained
     scale: float = 0.1  # LM, RM init: kaiming-uniform x scale
     mask_init: float = 1e-2  # mask scores start here (all ones once binarised)
     threshold: float = 5e-3
@@ -118,6 +121,8 @@ class TaskParams:
             raise ConfigError(f"rectification of later tasks: expected one of {RG_LATER}, got {self.later!r}")
         if self.sfg_later not in SFG_LATER:
             raise ConfigError(f"scaling factors of later tasks: expected one of {SFG_LATER}, got {self.sfg_later!r}")
+        if self.sfg_spare and not (self.sfg and self.sfg_later == "real"):
+            raise ConfigError("a spare set of scaling factors needs the SFG with real per-task factors")
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -157,6 +162,10 @@ class TaskLayer(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.slots = nn.ModuleList()
         self.task = 0
+        spare = self.use_sfg and params.sfg_spare  # counted, never used (see the module docstring)
+        self.f_spare: nn.Parameter | None
+        self.register_parameter("f_spare", nn.Parameter(self.weight.new_ones(self.c_out), requires_grad=False)
+                                if spare else None)
 
     def slot(self, t: int) -> nn.ParameterDict:
         return typing.cast(nn.ParameterDict, self.slots[t])
@@ -273,7 +282,8 @@ class TaskLayer(nn.Module):
     def extra_repr(self) -> str:
         kind = f"conv {self.k}x{self.k}" if self.conv else "linear"
         return (f"{kind} {self.c_in}->{self.c_out}, tasks={len(self.slots)}, mask={self.p.weight_mask}, "
-                f"rank={self.p.rank}, split={self.split}, sfg={self.use_sfg}")
+                f"rank={self.p.rank}, split={self.split}, sfg={self.use_sfg}"
+                + (", spare F" if self.f_spare is not None else ""))
 
 
 class TaskBatchNorm(nn.Module):
