@@ -14,7 +14,7 @@ DIGITS = ["dytox/digits-b0inc2", "lpa/digits-b0inc2", "lpa-baseline/digits-b0inc
 
 
 def test_preset_lists_are_not_empty_and_overlays_are_not_presets():
-    assert len(DYTOX) == 10 and len(LPA) == 21
+    assert len(DYTOX) == 15 and len(LPA) == 21  # DyTox: 10 reproduction presets + 5 model-ablation rows
     assert not any(n.startswith("overlays/") for n in preset_names())
 
 
