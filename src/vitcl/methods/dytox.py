@@ -14,6 +14,10 @@ Per task t (facts and sources: docs/methods/dytox.md):
 - phase "finetune" (t >= 1) on the balanced memory: encoder (patch + positional embedding, SABs) frozen; the
   decoder, all tokens and all classifiers trained at a constant lr; classification loss only (with
   `finetune_distillation`, also the distillation, as LPA's recipe does; never the divergence loss).
+The paper's model ablation switches parts off (docs/methods/dytox.md#model-ablation): `task_tokens: shared` keeps
+the one class token for every task (nothing frozen among tokens, the decoder run once), `heads: shared` one
+classifier over all seen classes on the concatenated embeddings (trained whole, old classes included),
+`distillation: false`, `finetune_epochs: 0`, `divergence_weight: 0`.
 DyTox+ is DyTox with MixUp (alpha 0.8) and label smoothing 0.1 (`data.augment`): the loss is then the BCE on the
 mixed soft targets, and the divergence targets are [sum of the old classes' mass, the new classes' masses].
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +92,10 @@ class DyToxOptions(MethodOptions):
     repeated_augmentation_mode: Literal["deit", "extend"] = "deit"  # deit: epochs keep their length
     finetune_distillation: bool = False  # LPA's recipe: the teacher's KD also while finetuning (never the div head)
     finetune_repeated_augmentation: int = 1  # LPA's recipe: 3 (its finetuning keeps the RASampler)
+    # the model ablation (docs/methods/dytox.md#model-ablation): shared = one class token for every task, no expansion
+    task_tokens: Literal["expand", "shared"] = "expand"
+    heads: Literal["independent", "shared"] = "independent"  # shared: one classifier over all seen classes
+    shared_head_growth: Literal["keep", "reset"] = "keep"  # heads=shared: copy the old weights into the wider head
 
     def validate(self, key: str) -> None:
         for name in ("divergence_weight", "finetune_lr"):
@@ -97,13 +105,15 @@ class DyToxOptions(MethodOptions):
             raise ConfigError(f"{key}.distillation_tau: expected a positive temperature, got {self.distillation_tau}")
         if self.finetune_epochs < 0 or self.repeated_augmentation < 1 or self.finetune_repeated_augmentation < 1:
             raise ConfigError(f"{key}: finetune_epochs must be >= 0 and (finetune_)repeated_augmentation >= 1")
+        if self.shared_head_growth != "keep" and self.heads != "shared":
+            raise ConfigError(f"{key}.shared_head_growth: '{self.shared_head_growth}' applies to one shared "
+                              f"classifier; set {key}.heads=shared or leave shared_head_growth at 'keep'")
 
 
 @register_method("dytox")
 class DyTox(Method[DyToxOptions]):
     model: DyToxNet
     uses_memory = True
-    network: ClassVar[type] = DyToxNet  # built around the ConViT backbone (LPA's baseline: a single-token net)
 
     def __init__(self, cfg, scenario, device):
         self.teacher: DyToxNet | None = None
@@ -122,7 +132,9 @@ class DyTox(Method[DyToxOptions]):
         if not isinstance(backbone, ConViT):  # check() ran on the config; this guards a hand-built one
             raise ConfigError(f"model.name: {self.name} needs the 'convit' model (a task-attention decoder), "
                               f"got '{self.cfg.model.name}'")
-        return self.network(backbone)
+        o = self.opts
+        return DyToxNet(backbone, task_tokens=o.task_tokens, heads=o.heads,
+                            shared_head_growth=o.shared_head_growth)
 
     # ------------------------------------------------------------------ growth
     def begin_task(self, task):
@@ -157,7 +169,7 @@ class DyTox(Method[DyToxOptions]):
                 m.head_div.requires_grad_(False)
             if self.opts.frozen_encoder_mode == "eval":
                 m.encoder.eval()
-        elif task.index > 0:
+        elif task.index > 0:  # a shared token or a shared head has no old part to freeze
             for token in list(m.task_tokens)[:-1]:
                 token.requires_grad_(False)
             for head in list(m.heads)[:-1]:

@@ -18,25 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from ..errors import ConfigError
-from ..models.dytox import DyToxNet
-from ..models.heads import TaskHead
 from .base import register_method
 from .dytox import DyTox, DyToxOptions
-
-
-class SingleTokenNet(DyToxNet):
-    """DyToxNet that never adds a token: every task's classifier reads the one class token's embedding."""
-
-    def add_task(self, num_classes: int, divergence: bool = False) -> None:
-        device = self.task_tokens[0].device
-        self.heads.append(TaskHead(self.embed_dim, num_classes, norm=True).to(device))
-        self.head_div = None
-
-    def forward_head(self, emb: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(emb[:, 0]) for head in self.heads], dim=1)
 
 
 @dataclass
@@ -50,19 +34,22 @@ class LPABaselineOptions(DyToxOptions):
     finetune_repeated_augmentation: int = 3
     # what finetuning freezes: LPA's `freeze_ft: [sab, tab]` (encoder+decoder) or DyTox's `[sab]` (encoder)
     finetune_frozen: Literal["encoder", "encoder+decoder"] = "encoder+decoder"
+    task_tokens: Literal["expand", "shared"] = "shared"  # the one class token: DyToxNet without token expansion
 
     def validate(self, key: str) -> None:
         super().validate(key)
         if self.divergence_weight:
             raise ConfigError(f"{key}.divergence_weight: lpa-baseline has a single class token and no divergence "
                               f"head; use method.name=dytox for task tokens and the divergence loss")
+        if self.task_tokens != "shared" or self.heads != "independent":
+            raise ConfigError(f"{key}: lpa-baseline is one shared class token with one classifier per task "
+                              f"(task_tokens: shared, heads: independent); use method.name=dytox for the others")
 
 
 @register_method("lpa-baseline")
 class LPABaseline(DyTox):
     Options = LPABaselineOptions
     opts: LPABaselineOptions
-    network = SingleTokenNet
 
     def setup_phase(self, phase, task):
         super().setup_phase(phase, task)
