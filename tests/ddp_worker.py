@@ -1,4 +1,5 @@
-"""Run under torchrun by test_distributed.py: train a tiny replay run, then save this rank's memory."""
+"""Run under torchrun by test_distributed.py and test_ranked_memory.py: train a tiny replay run, then save this
+rank's memory and its training rows of the last task's first epoch as planned with the final memory."""
 import sys
 from pathlib import Path
 
@@ -17,5 +18,8 @@ trainer = Trainer(cfg, out / "run", progress=False)
 assert trainer.world == 2, trainer.world
 trainer.fit()
 torch.save(trainer.method.memory.state_dict(), out / f"memory_rank{trainer.rank}.pt")
+task = trainer.scenario[len(trainer.scenario) - 1]
+phase = trainer.method.phases(task)[0]
+torch.save(trainer.epoch_steps(task, 0, phase, 0, trainer.rank_rows(phase, task)), out / f"plan_rank{trainer.rank}.pt")
 dist.barrier()
 dist.shutdown()

@@ -74,6 +74,9 @@ class MemoryConfig:
     per_class: int = 0  # fixed budget per class (exclusive with size)
     selection: str = "herding"
     features_augment: bool = False  # extract selection features with the training augmentation
+    # 1: one global memory; N: DyTox's distributed memory, a bank of `size` rows per emulated rank (each herded on
+    # its own feature draws, each rank training on task + its own bank); N must be a multiple of the process count
+    ranks: int = 1
 
 
 @dataclass

@@ -186,7 +186,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "train.epochs": t.epochs, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "eval.batch_size": cfg.eval.batch_size, "train.checkpoint_every": t.checkpoint_every,
-        "eval.analysis_samples": cfg.eval.analysis_samples,
+        "eval.analysis_samples": cfg.eval.analysis_samples, "memory.ranks": m.ranks,
     }
     for key, count in positive.items():
         if count < 1:
@@ -213,6 +213,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("memory.per_class: give either memory.size (a fixed total) or memory.per_class, not both")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size {t.batch_size}")
+    if m.ranks > 1 and t.batch_size % m.ranks:
+        raise ConfigError(f"memory.ranks: {m.ranks} emulated ranks must divide train.batch_size {t.batch_size} "
+                          f"(each rank takes an equal share of every batch)")
     if t.schedule == "multistep" and not t.milestones:
         raise ConfigError("train.milestones: the multistep schedule needs a list of epochs")
     if not DEVICE.fullmatch(cfg.run.device):

@@ -84,3 +84,12 @@ def broadcast_object(obj):
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts

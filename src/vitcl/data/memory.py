@@ -2,7 +2,8 @@
 
 The budget says how many exemplars each seen class keeps; the selector orders a class's candidates. Old classes
 shrink to their first m exemplars in selection order. Selection is deterministic and runs on the device, so
-every DDP rank that sees the same features holds the same memory.
+every DDP rank that sees the same features holds the same memory. `RankedMemory` holds one such memory per
+emulated rank (DyTox's distributed memory).
 """
 from __future__ import annotations
 
@@ -298,6 +299,10 @@ class Memory:
         values = self._on_device[key]
         return values[pos[rows].to(values.device)]
 
+    def stores(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which of the train-set `rows` the memory holds."""
+        return torch.isin(rows.cpu(), self.indices())
+
     def _changed(self) -> None:
         self._positions, self._on_device = None, {}
 
@@ -329,3 +334,106 @@ class Memory:
         self._changed()
         self.exemplars = dict(state["exemplars"])
         self.extras = {k: dict(v) for k, v in state["extras"].items()}
+
+
+# --------------------------------------------------------------------------------------------- per-rank memory
+class RankedMemory:
+    """DyTox's distributed memory (docs/methods/dytox.md#memory-modes): `ranks` banks, one per emulated rank, each a
+    `Memory` of the full budget (the budget is per rank, as the published --memory-size is per process), each
+    filled by its own selection on its own feature draws. This process trains on the banks of `local`, the
+    emulated ranks it holds (ranks / world of them); after every update `synchronise` gives every process every
+    bank, so checkpoints hold them all and every process holds the same state.
+
+    Methods see the Memory interface: `indices()`, `extra()` and `lookup()` cover the local banks (the rows this
+    process rehearses); the engine fills each bank through `TaskContext.memory_banks`."""
+
+    def __init__(self, budget, selectors: list[Selector], local: list[int]):
+        self.banks = [Memory(budget, s) for s in selectors]
+        self.local = local
+
+    @property
+    def ranks(self) -> int:
+        return len(self.banks)
+
+    @property
+    def budget(self):
+        return self.banks[0].budget
+
+    @property
+    def selector(self) -> Selector:
+        return self.banks[0].selector
+
+    @property
+    def enabled(self) -> bool:
+        return self.banks[0].enabled
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.banks)
+
+    def indices(self) -> torch.Tensor:
+        """The local banks' rows, bank after bank (a row two banks hold appears twice)."""
+        return torch.cat([self.banks[r].indices() for r in self.local])
+
+    def extra(self, name: str) -> torch.Tensor:
+        return torch.cat([self.banks[r].extra(name) for r in self.local])
+
+    def lookup(self, name: str, rows: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """The extras `name` of `rows`, each from the first local bank that stores it."""
+        rows = rows.cpu()
+        out: torch.Tensor | None = None
+        found = torch.zeros(len(rows), dtype=torch.bool)
+        for r in self.local:
+            here = self.banks[r].stores(rows) & ~found
+            if not bool(here.any()):
+                continue
+            values = self.banks[r].lookup(name, rows[here], device)
+            if out is None:
+                out = values.new_zeros((len(rows),) + tuple(values.shape[1:]))
+            out[here.to(out.device)] = values
+            found |= here
+        if out is None or not bool(found.all()):
+            raise KeyError(f"memory extras '{name}': asked for rows that no local bank stores")
+        return out
+
+    def add(self, *args, **kwargs) -> None:
+        raise TypeError("a RankedMemory is filled bank by bank (TaskContext.memory_banks), not through add()")
+
+    def synchronise(self) -> None:
+        """Every process gets every bank from the process that holds its emulated rank (a no-op on one process)."""
+        from . import distributed
+
+        if distributed.world_size() == 1:
+            return
+        mine = {r: self.banks[r].state_dict() for r in self.local}
+        for part in distributed.all_gather_objects(mine):
+            for r, state in part.items():
+                if r not in self.local:
+                    self.banks[r].load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.ranks, "banks": [b.state_dict() for b in self.banks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("ranks") != self.ranks:
+            raise ValueError(f"the checkpoint's memory has {state.get('ranks', 1)} rank bank(s), "
+                             f"memory.ranks is {self.ranks}")
+        for bank, s in zip(self.banks, state["banks"]):
+            bank.load_state_dict(s)
+
+
+def local_ranks(ranks: int, rank: int, world: int) -> list[int]:
+    """The emulated ranks process `rank` of `world` holds: a contiguous block of ranks / world of them."""
+    if ranks % world:
+        raise ConfigError(f"memory.ranks: {ranks} emulated ranks do not split over {world} processes "
+                          f"(expected a multiple of the world size)")
+    per = ranks // world
+    return list(range(rank * per, (rank + 1) * per))
+
+
+def make_memory(budget, selection: str, seed: int, ranks: int = 1, rank: int = 0, world: int = 1):
+    """One global Memory (ranks = 1), or a RankedMemory of `ranks` banks; bank r's selector is seeded with
+    seed + 7919 r, so seeded random selections differ between banks (bank 0 is the global memory's)."""
+    if ranks == 1:
+        return Memory(budget, make_selector(selection, seed))
+    return RankedMemory(budget, [make_selector(selection, seed + 7919 * r) for r in range(ranks)],
+                        local_ranks(ranks, rank, world))

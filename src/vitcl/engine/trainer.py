@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..config import Config
 from ..data import distributed as dist
 from ..data.augment import BatchAugment, mix_batch
 from ..data.build import build_scenario
+from ..data.memory import Memory, RankedMemory
 from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
 from ..errors import ConfigError, TrainingError
 from ..eval import jsonfile
@@ -30,6 +32,7 @@ from ..eval.evaluator import evaluate
 from ..eval.locality import HeldoutBatch, analyse_task, heldout_batch, summarise
 from ..eval.report import build_results
 from ..methods import METHODS, Batch, Method, Phase
+from ..methods.base import TaskContext
 from . import checkpoint
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress, fmt_time
@@ -61,6 +64,31 @@ class RunState:
     task_images: int = 0
 
 
+class RankContext:
+    """The TaskContext of one emulated rank's memory update: every candidate on this process (each DyTox process
+    herds on the whole task), the training augmentation drawn from the rank's own generator, sums kept local.
+    So a bank is the same whichever process, and with whichever other banks, computes it."""
+
+    def __init__(self, trainer: Trainer, seed: int):
+        self.trainer = trainer
+        torch.manual_seed(seed)  # draws from the global generator (kornia's RandAugment) are the rank's own too
+        self.generator = torch.Generator(device=trainer.device).manual_seed(seed)
+
+    def extract(self, indices: torch.Tensor, fn, augment: bool = False, batch_size: int | None = None):
+        return self.trainer.extract(indices, fn, augment, batch_size, generator=self.generator, shard=False)
+
+    def batches(self, indices: torch.Tensor, augment: bool = False, batch_size: int | None = None):
+        t = self.trainer
+        for x_u8, idx in t.train_stream(list(indices.split(batch_size or t.cfg.eval.batch_size))):
+            yield (t.augment.train(x_u8, self.generator) if augment else t.augment.test(x_u8)), idx
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def memory_banks(self, memory, task):
+        raise TypeError("a rank's context fills its own bank only")
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, progress: bool = True):
         self.cfg, self.run_dir = cfg, run_dir
@@ -72,6 +100,9 @@ class Trainer:
         self.rank, self.world = dist.init_from_env(self.device)
         if cfg.train.batch_size % self.world:
             raise ConfigError(f"train.batch_size: {cfg.train.batch_size} does not split over {self.world} processes")
+        if cfg.memory.ranks > 1 and cfg.memory.ranks % self.world:
+            raise ConfigError(f"memory.ranks: {cfg.memory.ranks} emulated ranks do not split over {self.world} "
+                              f"processes (expected a multiple of the world size)")
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(stable_seed(cfg.run.seed, "build"))
@@ -95,35 +126,40 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def phase_indices(self, phase: Phase, task) -> torch.Tensor:
+    def phase_indices(self, phase: Phase, task, memory: Memory | RankedMemory | None = None) -> torch.Tensor:
+        """The rows of a phase, with the memory rows from `memory` (default: the method's)."""
+        memory = self.method.memory if memory is None else memory
         if phase.data == "task":
             return task.train_idx
         if phase.data == "memory":
-            return self.method.memory.indices()
+            return memory.indices()
         if phase.data == "task+memory":
-            return torch.cat([task.train_idx, self.method.memory.indices()])
+            return torch.cat([task.train_idx, memory.indices()])
         if phase.data == "seen":
             return torch.cat([self.scenario[t].train_idx for t in range(task.index + 1)])
         raise ValueError(f"phase {phase.name}: unknown data '{phase.data}'")
 
-    def extract(self, indices: torch.Tensor, fn, augment: bool = False, batch_size: int | None = None):
+    def extract(self, indices: torch.Tensor, fn, augment: bool = False, batch_size: int | None = None,
+                generator: torch.Generator | None = None, shard: bool = True):
         """fn(images) for the train-set rows `indices`, in order, without gradients; sharded over ranks and
-        gathered, so every rank gets the same result."""
+        gathered, so every rank gets the same result (`shard=False`: all rows on this process, nothing
+        exchanged). `generator` draws the training augmentation (default: torch's global generator)."""
         bs = batch_size or self.cfg.eval.batch_size
         model = self.method.model
         was_training = model.training
         model.eval()
-        mine = rank_share(indices, self.rank, self.world)
+        shard = shard and self.world > 1
+        mine = rank_share(indices, self.rank, self.world) if shard else indices
         counts = [len(rank_share(indices, r, self.world)) for r in range(self.world)]
         outs = []
         with torch.no_grad():
             for x_u8, _ in self.train_stream(list(mine.split(bs))):
-                x = self.augment.train(x_u8) if augment else self.augment.test(x_u8)
+                x = self.augment.train(x_u8, generator) if augment else self.augment.test(x_u8)
                 with self.autocast():
                     outs.append(fn(x).float())
         model.train(was_training)
         local = torch.cat(outs) if outs else torch.empty(0, device=self.device)
-        if self.world > 1:
+        if shard:
             if not outs:  # this rank held no rows: learn the feature shape from one row
                 with torch.no_grad():
                     x_u8, _ = next(iter(self.train_stream([indices[:1]])))
@@ -142,6 +178,15 @@ class Trainer:
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks in place (a no-op on one process)."""
         return dist.all_reduce_sum(t)
+
+    def memory_banks(self, memory: Memory | RankedMemory, task) -> Iterator[tuple[Memory, TaskContext]]:
+        """What a memory update fills: the global memory with this trainer as its context, or each bank of this
+        process's emulated ranks with a RankContext of its own (docs/methods/dytox.md#memory-modes)."""
+        if not isinstance(memory, RankedMemory):
+            yield memory, self
+            return
+        for r in memory.local:  # lazily: each rank's context seeds its draws when its turn comes
+            yield memory.banks[r], RankContext(self, stable_seed(self.cfg.run.seed, task.index, "memory", r))
 
     def save_checkpoint(self, name: str = "last.pt", optimizer=None) -> None:
         """Besides the state: the config it was trained with, the number of processes, and how many bytes of
@@ -227,6 +272,8 @@ class Trainer:
             t0 = time.perf_counter()
             torch.manual_seed(stable_seed(self.cfg.run.seed, task.index, "memory"))
             self.method.update_memory(task, self)
+            if isinstance(self.method.memory, RankedMemory):
+                self.method.memory.synchronise()
             self.progress.message(f"task {task.index + 1}/{len(self.scenario)} · memory: "
                                   f"{len(self.method.memory)} exemplars ({time.perf_counter() - t0:.1f}s)")
         self.state.memory_updated = True
@@ -239,13 +286,8 @@ class Trainer:
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         params = [q for _, q in named]
-        indices = self.phase_indices(phase, task)
-        if len(indices) == 0:
-            raise TrainingError(f"task {task.index}: phase '{phase.name}' has no data ({phase.data} is empty)")
-        epoch_len = len(epoch_order(len(indices), 0, False, phase.repeats, phase.repeat_mode))
-        n_batches = len(global_batches(torch.arange(epoch_len), phase.batch_size, phase.drop_last))
-        if cfg.train.max_batches:
-            n_batches = min(n_batches, cfg.train.max_batches)
+        indices = self.rank_rows(phase, task)
+        n_batches = len(self.epoch_steps(task, p, phase, 0, indices))
         label = f"task {task.index + 1}/{len(self.scenario)} · {phase.name}"
         self.progress.start_phase(label, n_batches * max(phase.epochs - s.epoch, 0))
         for epoch in range(s.epoch, phase.epochs):
@@ -270,27 +312,75 @@ class Trainer:
             if s.epoch % cfg.train.checkpoint_every == 0 or s.epoch == phase.epochs:
                 self.save_checkpoint(optimizer=optimizer)
 
+    def n_ranks(self) -> int:
+        """The ranks a global batch is shared among: the processes, or the emulated ranks of a RankedMemory."""
+        memory = self.method.memory
+        return memory.ranks if isinstance(memory, RankedMemory) else self.world
+
+    def rank_rows(self, phase: Phase, task) -> list[tuple[int, torch.Tensor]]:
+        """(rank, rows) of the phase for each rank this process trains as: its own rank with the phase's rows, or
+        with a RankedMemory each local emulated rank with the task's rows and its own bank's. Every bank must
+        give the same number of rows (the ranks step together)."""
+        memory = self.method.memory
+        if not isinstance(memory, RankedMemory):
+            sets = [(self.rank, self.phase_indices(phase, task))]
+        else:
+            sizes = {len(self.phase_indices(phase, task, bank)) for bank in memory.banks}
+            if len(sizes) > 1:
+                raise TrainingError(f"task {task.index}: phase '{phase.name}': the memory banks give "
+                                    f"{sorted(sizes)} rows; the emulated ranks need equal numbers to step together")
+            sets = [(r, self.phase_indices(phase, task, memory.banks[r])) for r in memory.local]
+        if len(sets[0][1]) == 0:
+            raise TrainingError(f"task {task.index}: phase '{phase.name}' has no data ({phase.data} is empty)")
+        return sets
+
+    def epoch_steps(self, task, p: int, phase: Phase, epoch: int,
+                    sets: list[tuple[int, torch.Tensor]]) -> list[tuple[torch.Tensor, int]]:
+        """(this process's rows, the global batch size) of every step of an epoch, from `rank_rows`.
+
+        Every rank orders its own rows with the same generator of (seed, task, phase, epoch) and takes its share of
+        each global batch (DeiT's RASampler over each rank's own dataset). A memory phase under a RankedMemory
+        instead has every emulated rank iterate its whole bank in batches of batch_size / ranks, a global batch
+        being one batch of every rank (DyTox's finetuning loader on each process's own memory)."""
+        cfg, n_ranks = self.cfg, self.n_ranks()
+        whole = isinstance(self.method.memory, RankedMemory) and phase.data == "memory"
+        if n_ranks > 1 and phase.batch_size % n_ranks:
+            raise ConfigError(f"memory.ranks: phase '{phase.name}' has batches of {phase.batch_size}, which do not "
+                              f"split over {n_ranks} ranks")
+        seed = stable_seed(cfg.run.seed, task.index, p, epoch, "order")
+        per_rank, sizes = [], []
+        for r, rows in sets:
+            order = epoch_order(len(rows), seed, phase.shuffle, phase.repeats, phase.repeat_mode)
+            if whole:
+                shares = global_batches(order, phase.batch_size // n_ranks, phase.drop_last)
+                sizes = [len(b) * n_ranks for b in shares]
+            else:
+                batches = global_batches(order, phase.batch_size, phase.drop_last)
+                shares = [rank_share(b, r, n_ranks) for b in batches]
+                sizes = [len(b) for b in batches]
+            per_rank.append([rows[b] for b in shares])
+        if cfg.train.max_batches:
+            sizes = sizes[: cfg.train.max_batches]
+        return [(torch.cat([rows[i] for rows in per_rank]), size) for i, size in enumerate(sizes)]
+
     def train_epoch(self, task, p, phase, epoch, indices, optimizer, params, label) -> float:
         cfg = self.cfg
-        order = epoch_order(len(indices), stable_seed(cfg.run.seed, task.index, p, epoch, "order"), phase.shuffle,
-                            phase.repeats, phase.repeat_mode)
-        batches = global_batches(order, phase.batch_size, phase.drop_last)
-        if cfg.train.max_batches:
-            batches = batches[: cfg.train.max_batches]
         accum = cfg.train.grad_accum
-        memory_rows = self.method.memory.indices() if phase.data == "task+memory" else None
-        side = self.method.memory.indices() if phase.memory_batch > 0 else None
-        side = side if side is not None and len(side) else None
+        memory = self.method.memory
+        memory_rows = memory.indices() if phase.data == "task+memory" else None
+        side = None
+        if phase.memory_batch > 0:
+            side = ([(self.rank, memory.indices())] if not isinstance(memory, RankedMemory) else
+                    [(r, memory.banks[r].indices()) for r in memory.local])
+            side = side if len(side[0][1]) else None
         loss_sum, n_steps = 0.0, 0
-        for step, gb in enumerate(batches):
-            share = rank_share(gb, self.rank, self.world)
-            micro = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
-            rows = [indices[m] for m in micro]
-            side_rows = self.memory_batch_rows(side, phase.memory_batch, len(micro),
+        for step, (share, size) in enumerate(self.epoch_steps(task, p, phase, epoch, indices)):
+            rows = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
+            side_rows = self.memory_batch_rows(side, phase.memory_batch, len(rows),
                                                (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
             optimizer.zero_grad(set_to_none=True)
             shares = torch.zeros((), dtype=torch.float64)  # this rank's share of the step's loss
-            for (x_u8, idx), m, mrows in zip(self.train_stream(rows), micro, side_rows):
+            for (x_u8, idx), mrows in zip(self.train_stream(rows), side_rows):
                 batch = self.make_batch(x_u8, idx, memory_rows)
                 if mrows is not None and len(mrows):
                     mx_u8, midx = next(iter(self.train_stream([mrows])))
@@ -298,8 +388,8 @@ class Trainer:
                     batch.memory.from_memory = torch.ones(len(midx), dtype=torch.bool, device=mx_u8.device)
                 with self.autocast():
                     loss, logs = self.method.loss(batch, phase, task)
-                (loss * (len(m) * self.world / len(gb))).backward()
-                shares += loss.detach().double().cpu() * len(m) / len(gb)
+                (loss * (len(idx) * self.world / size)).backward()
+                shares += loss.detach().double().cpu() * len(idx) / size
             step_loss = dist.average_gradients(params, extra=shares * self.world)  # sum of shares
             if not math.isfinite(step_loss):
                 raise TrainingError(f"task {task.index} '{phase.name}' epoch {epoch + 1}: the loss is {step_loss}; "
@@ -308,18 +398,25 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
             optimizer.step()
             loss_sum, n_steps = loss_sum + step_loss, n_steps + 1
-            self.progress.step(len(gb), step_loss, f"epoch {epoch + 1}/{phase.epochs}")
-            self.state.task_images += len(gb)
+            self.progress.step(size, step_loss, f"epoch {epoch + 1}/{phase.epochs}")
+            self.state.task_images += size
         return loss_sum / max(n_steps, 1)
 
-    def memory_batch_rows(self, memory: torch.Tensor | None, size: int, n_micro: int, seed_parts) -> list:
-        """This rank's memory rows for each micro-batch of one step: a seeded draw without replacement of `size`
-        rows of the memory (all of it when smaller), the same global draw on every rank."""
+    def memory_batch_rows(self, memory: torch.Tensor | list[tuple[int, torch.Tensor]] | None, size: int,
+                          n_micro: int, seed_parts) -> list:
+        """This process's memory rows for each micro-batch of one step: a seeded draw without replacement of
+        `size` rows of the memory (all of it when smaller), the same global draw on every rank, of which each rank
+        takes its share. `memory`: the memory's rows, or (emulated rank, its bank's rows) for the local ranks of
+        a RankedMemory, each drawing from its own bank."""
         if memory is None or size <= 0:
             return [None] * n_micro
-        g = torch.Generator().manual_seed(stable_seed(*seed_parts))
-        pick = memory[torch.randperm(len(memory), generator=g)[:size]]
-        return list(rank_share(pick, self.rank, self.world).tensor_split(max(n_micro, 1)))[:n_micro]
+        sets = [(self.rank, memory)] if isinstance(memory, torch.Tensor) else memory
+        n_ranks = self.world if isinstance(memory, torch.Tensor) else self.n_ranks()
+        shares = []
+        for r, rows in sets:
+            g = torch.Generator().manual_seed(stable_seed(*seed_parts))
+            shares.append(rank_share(rows[torch.randperm(len(rows), generator=g)[:size]], r, n_ranks))
+        return list(torch.cat(shares).tensor_split(max(n_micro, 1)))[:n_micro]
 
     def make_batch(self, x_u8, idx, memory_rows) -> Batch:
         y = self.scenario.train_labels[idx]

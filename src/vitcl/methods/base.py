@@ -16,6 +16,8 @@ Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for
     ctx.extract(indices, fn, augment=False)   fn(images) for train-set rows, in order, gathered over ranks
     ctx.batches(indices, augment=False)       (images, rows) batches of this rank's share of the rows
     ctx.reduce_sum(tensor)                    sum over ranks, in place (a no-op on one process)
+    ctx.memory_banks(memory, task)            the (bank, ctx) pairs a memory update fills (one, or one per
+                                              emulated rank this process holds: DyTox's distributed memory)
 `check(cfg)` runs when a run's config is built, before any data is read: the checks of the whole config that a
 method needs (the setting, the backbone it is built around, a data option it depends on).
 A phase with `memory_batch > 0` gets, with every batch of its data, an independent batch of that many rows drawn
@@ -31,7 +33,8 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
-from ..data.memory import Memory, make_budget, make_selector
+from ..data import distributed
+from ..data.memory import Memory, RankedMemory, make_budget, make_memory
 from ..errors import ConfigError
 from ..registry import Registry
 from .losses import classification_loss
@@ -111,6 +114,12 @@ class TaskContext(Protocol):
         """Sum a tensor over ranks in place (a no-op on one process)."""
         ...
 
+    def memory_banks(self, memory: Memory | RankedMemory, task: Task) -> Iterator[tuple[Memory, TaskContext]]:
+        """The banks this process fills at a memory update, each with the context to compute it in: the memory
+        itself with this context, or for a RankedMemory each local emulated rank's bank with a context of that
+        rank (all candidates on this process, training augmentation drawn from a generator of (seed, task, rank))."""
+        ...
+
 
 @dataclass
 class Batch:
@@ -165,7 +174,9 @@ class Method(Generic[O]):
         self.task_index = -1
         self.model: nn.Module = self.build_model().to(device)
         budget = make_budget(cfg.memory.size, cfg.memory.per_class) if self.uses_memory else make_budget(0, 0)
-        self.memory = Memory(budget, make_selector(cfg.memory.selection, cfg.run.seed))
+        self.memory: Memory | RankedMemory = make_memory(budget, cfg.memory.selection, cfg.run.seed,
+                                                         cfg.memory.ranks, distributed.rank(),
+                                                         distributed.world_size())
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -209,10 +220,11 @@ class Method(Generic[O]):
             return
         labels = self.scenario.train_labels[task.train_idx]
         needs = self.memory.selector.needs
-        feats, extras = self.candidate_outputs(task, ctx, labels, scores=needs == "scores")
-        if needs == "embedding":
-            feats = ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
-        self.memory.add(task.train_idx, labels, feats, self.seen, extras=extras)
+        for bank, bank_ctx in ctx.memory_banks(self.memory, task):  # one, or each local rank's with its ctx
+            feats, extras = self.candidate_outputs(task, bank_ctx, labels, scores=needs == "scores")
+            if needs == "embedding":
+                feats = bank_ctx.extract(task.train_idx, self.embed, augment=self.cfg.memory.features_augment)
+            bank.add(task.train_idx, labels, feats, self.seen, extras=extras)
 
     def candidate_outputs(self, task: Task, ctx: TaskContext, labels: torch.Tensor,
                           scores: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:

@@ -10,7 +10,8 @@ Per task t (facts and sources: docs/methods/dytox.md):
   the KL over the old classes' logits on every sample, `kl_div(..., reduction='mean', log_target=True)`
   (an element-wise mean over B x n_old, as published; `kd_reduction: batchmean` divides by B only, and
   `kd_samples: memory` restricts it to old-class samples, as LPA does).
-- memory update: iCaRL herding on the L2-normalised concatenation of all task embeddings.
+- memory update: iCaRL herding on the L2-normalised concatenation of all task embeddings; with `memory.ranks: N`
+  (the public code's per-process memory) once per emulated rank, each on its own bank.
 - phase "finetune" (t >= 1) on the balanced memory: encoder (patch + positional embedding, SABs) frozen; the
   decoder, all tokens and all classifiers trained at a constant lr; classification loss only (with
   `finetune_distillation`, also the distillation, as LPA's recipe does; never the divergence loss).
