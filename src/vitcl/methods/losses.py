@@ -56,3 +56,63 @@ def stored_distillation(logits: torch.Tensor, stored: torch.Tensor, width: torch
     log_p, log_q = F.log_softmax(z, dim=1), F.log_softmax(a, dim=1)
     kl = (log_p.exp() * (log_p - log_q)).masked_fill(~valid[:, :n], 0.0).sum(1)
     return kl.mean() * T * T
+
+
+def pod_spatial(old_maps: list[torch.Tensor], new_maps: list[torch.Tensor]) -> torch.Tensor:
+    """PODNet's POD-spatial distillation (docs/methods/podnet.md#pod-spatial). Per stage: the squared activations
+    (B, C, H, W) summed over the width (a C x H vector) and over the height (C x W), the two concatenated and
+    L2-normalised per image; the Euclidean distance between teacher and student vectors, averaged over the
+    images; then averaged over the stages."""
+    if len(old_maps) != len(new_maps) or not new_maps:
+        raise ValueError(f"pod_spatial: {len(old_maps)} teacher maps against {len(new_maps)} student maps")
+    total = new_maps[0].new_zeros(())
+    for a, b in zip(old_maps, new_maps):
+        a, b = a.float().pow(2), b.float().pow(2)
+        pa = torch.cat([a.sum(3).flatten(1), a.sum(2).flatten(1)], dim=1)
+        pb = torch.cat([b.sum(3).flatten(1), b.sum(2).flatten(1)], dim=1)
+        total = total + (F.normalize(pa, dim=1) - F.normalize(pb, dim=1)).norm(dim=1).mean()
+    return total / len(new_maps)
+
+
+def pod_flat(old: torch.Tensor, new: torch.Tensor,
+             distance: Literal["cosine", "euclidean"] = "cosine") -> torch.Tensor:
+    """PODNet's POD-flat on the final embeddings (B, D), averaged over rows: cosine: 1 - cos(old, new) (the
+    reference code's cosine-embedding loss); euclidean: ||old - new||_2."""
+    if distance == "cosine":
+        return (1 - F.cosine_similarity(new.float(), old.float(), dim=1)).mean()
+    return (new.float() - old.float()).norm(dim=1).mean()
+
+
+def local_similarity(features: torch.Tensor, proxies: torch.Tensor, proxies_per_class: int,
+                     similarity: Literal["cosine", "neg_squared_distance"] = "cosine") -> torch.Tensor:
+    """PODNet's local-similarity classifier (LSC): proxies (C x K, D), K per class, class-major. Per class c, the
+    similarities s_ck of the L2-normalised features to the normalised proxies, softmax-weighted over the class's
+    proxies: y_c = sum_k softmax_k(s_ck) s_ck. cosine: s = cos (the paper); neg_squared_distance:
+    s = -||f^ - w^||^2 = 2 cos - 2 (the reference code's `neg_stable_cosine_distance`)."""
+    s = F.normalize(features.float(), dim=1) @ F.normalize(proxies.float(), dim=1).t()
+    if similarity == "neg_squared_distance":
+        s = (2 - 2 * s).clamp(min=0).neg()
+    s = s.view(s.shape[0], -1, proxies_per_class)
+    return (s.softmax(dim=2) * s).sum(2)
+
+
+def nca_margin_loss(similarities: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | float, margin: float,
+                    form: Literal["paper", "reference"] = "paper") -> torch.Tensor:
+    """PODNet's NCA loss on the class similarities (B, C), averaged over rows.
+    paper: [-log(exp(eta (y_t - delta)) / sum_{i != t} exp(eta y_i))]_+ , the margin on the true class only, the
+    true class out of the denominator, a hinge at 0.
+    reference (the reference code's `nca` with `exclude_pos_denominator`): eta (y - delta) on every class, shifted
+    by its row maximum; loss -z_t + log(sum_{i != t} exp(z_i) + 1), the true class's term replaced by exp(0) and
+    no hinge. The margin shifts every class alike there, so it cancels (docs/methods/podnet.md#lsc-and-nca)."""
+    s = similarities.float()
+    rows = torch.arange(s.shape[0], device=s.device)
+    true = F.one_hot(y, s.shape[1]).bool()
+    if form == "reference":
+        z = scale * (s - margin)
+        z = z - z.max(dim=1, keepdim=True).values
+        den = torch.logsumexp(z.masked_fill(true, 0.0), dim=1)
+        return (den - z[rows, y]).mean()
+    z = scale * s
+    num = scale * (s[rows, y] - margin)
+    den = torch.logsumexp(z.masked_fill(true, float("-inf")), dim=1)
+    return (den - num).clamp(min=0).mean()

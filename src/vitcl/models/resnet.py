@@ -42,9 +42,13 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, affine=bn_affine))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.forward_preact(x))
+
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output before its final ReLU (residual sum)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return out + (x if self.downsample is None else self.downsample(x))
 
 
 class ResNet(nn.Module):
@@ -92,6 +96,29 @@ class ResNet(nn.Module):
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return x
+
+    def forward_stages(self, x: torch.Tensor, last_relu: bool = True,
+                       split_last_block: bool = False) -> list[torch.Tensor]:
+        """The output of every stage (layer1, layer2, ...), in order; the last one is what `forward_features`
+        returns. last_relu=False: the last block's output before its ReLU (PODNet's and UCIR's reference
+        networks); split_last_block: the last block's output as a stage of its own, after the rest of the last
+        stage (PODNet's CIFAR ResNet-32 `stage_4`)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i in range(self.num_stages):
+            blocks = list(getattr(self, f"layer{i + 1}"))
+            last = i == self.num_stages - 1
+            for j, block in enumerate(blocks):
+                if last and j == len(blocks) - 1:
+                    if split_last_block and j > 0:
+                        outs.append(x)
+                    x = block.forward_preact(x)
+                    if last_relu:
+                        x = self.relu(x)
+                else:
+                    x = block(x)
+            outs.append(x)
+        return outs
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(x), 1)
