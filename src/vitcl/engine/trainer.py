@@ -23,7 +23,8 @@ from ..config import Config
 from ..data import distributed as dist
 from ..data.augment import BatchAugment, mix_batch
 from ..data.build import build_scenario
-from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
+from ..data.crops import crop_spec
+from ..data.stream import BatchStream, crop_keys, epoch_order, global_batches, rank_share
 from ..errors import ConfigError, TrainingError
 from ..eval import jsonfile
 from ..eval.evaluator import evaluate
@@ -82,8 +83,10 @@ class Trainer:
             self.method.model.compile()
         self.augment = BatchAugment(cfg.data.augment, self.scenario.mean, self.scenario.std,
                                     self.scenario.train.channels)
-        self.train_stream = BatchStream(self.scenario.train, self.device, cfg.data.num_workers)
-        self.test_stream = BatchStream(self.scenario.test, self.device, cfg.data.num_workers)
+        self.train_stream = BatchStream(self.scenario.train, self.device, cfg.data.num_workers,
+                                        crop_spec(cfg.data, self.scenario.train))
+        self.test_stream = BatchStream(self.scenario.test, self.device, cfg.data.num_workers,
+                                       crop_spec(cfg.data, self.scenario.test))
         self.progress = Progress(progress and cfg.run.progress and dist.is_main())
         self.state = RunState()
         self.ckpt_dir = run_dir / "checkpoints"
@@ -117,7 +120,7 @@ class Trainer:
         counts = [len(rank_share(indices, r, self.world)) for r in range(self.world)]
         outs = []
         with torch.no_grad():
-            for x_u8, _ in self.train_stream(list(mine.split(bs))):
+            for x_u8, _ in self.train_stream(list(mine.split(bs)), train=augment):
                 x = self.augment.train(x_u8) if augment else self.augment.test(x_u8)
                 with self.autocast():
                     outs.append(fn(x).float())
@@ -136,7 +139,7 @@ class Trainer:
         caller's business (combine per-rank sums with reduce_sum)."""
         bs = batch_size or self.cfg.eval.batch_size
         mine = rank_share(indices, self.rank, self.world)
-        for x_u8, idx in self.train_stream(list(mine.split(bs))):
+        for x_u8, idx in self.train_stream(list(mine.split(bs)), train=augment):
             yield (self.augment.train(x_u8) if augment else self.augment.test(x_u8)), idx
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -282,18 +285,25 @@ class Trainer:
         side = self.method.memory.indices() if phase.memory_batch > 0 else None
         side = side if side is not None and len(side) else None
         loss_sum, n_steps = 0.0, 0
+        # random-resized crops: each image's draw from (the epoch's seed, its position in the epoch)
+        crop_seed = stable_seed(cfg.run.seed, task.index, p, epoch, "crop")
         for step, gb in enumerate(batches):
             share = rank_share(gb, self.rank, self.world)
+            positions = rank_share(step * phase.batch_size + torch.arange(len(gb)), self.rank, self.world)
             micro = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
+            keys = [crop_keys(crop_seed, q) for q in positions.tensor_split(accum) if len(q)] if len(share) else []
             rows = [indices[m] for m in micro]
             side_rows = self.memory_batch_rows(side, phase.memory_batch, len(micro),
                                                (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
+            side_seed = stable_seed(cfg.run.seed, task.index, p, epoch, step, self.rank, "memory-batch-crop")
             optimizer.zero_grad(set_to_none=True)
             shares = torch.zeros((), dtype=torch.float64)  # this rank's share of the step's loss
-            for (x_u8, idx), m, mrows in zip(self.train_stream(rows), micro, side_rows):
+            for k, ((x_u8, idx), m, mrows) in enumerate(zip(self.train_stream(rows, train=True, keys=keys), micro,
+                                                            side_rows)):
                 batch = self.make_batch(x_u8, idx, memory_rows)
                 if mrows is not None and len(mrows):
-                    mx_u8, midx = next(iter(self.train_stream([mrows])))
+                    mkeys = [crop_keys(side_seed + k, torch.arange(len(mrows)))]
+                    mx_u8, midx = next(iter(self.train_stream([mrows], train=True, keys=mkeys)))
                     batch.memory = self.make_batch(mx_u8, midx, None)
                     batch.memory.from_memory = torch.ones(len(midx), dtype=torch.bool, device=mx_u8.device)
                 with self.autocast():
