@@ -9,7 +9,9 @@ CenterCrop's offsets are `int(round((H - h) / 2.0))`; resized_crop is PIL's crop
 random draws and the eval sizes under test are timm's own code in every case."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
 import sys
 import types
 import zipfile
@@ -20,21 +22,15 @@ import timm_reference
 MEMBERS = ("timm/data/constants.py", "timm/data/transforms.py", "timm/data/transforms_factory.py")
 
 
-def _read(member: str) -> str | None:
-    src = timm_reference._source()  # auto_augment.py, from the installed package or the wheel
-    if src is None:
-        return None
+def _read(member: str) -> str:
+    """A file of timm 0.4.12: from the installed package when it is that version, else from the wheel."""
     try:
-        import importlib.metadata
-
-        if importlib.metadata.version("timm") == timm_reference.VERSION:
-            spec = importlib.util.find_spec("timm")
-            if spec is not None and spec.submodule_search_locations:
-                return (Path(list(spec.submodule_search_locations)[0]).parent / member).read_text()
+        installed = importlib.metadata.version("timm") == timm_reference.VERSION
     except importlib.metadata.PackageNotFoundError:
-        pass
-    import os
-
+        installed = False
+    spec = importlib.util.find_spec("timm") if installed else None
+    if spec is not None and spec.submodule_search_locations:
+        return (Path(list(spec.submodule_search_locations)[0]).parent / member).read_text()
     wheel = Path(os.environ.get("VITCL_TIMM_WHEEL_DIR", Path.home() / ".cache" / "vitcl")) / timm_reference.WHEEL
     with zipfile.ZipFile(wheel) as z:
         return z.read(member).decode()
@@ -123,7 +119,6 @@ def load() -> types.ModuleType | None:
         ns: dict = {}
         for member in MEMBERS:
             src = _read(member)
-            assert src is not None
             # the factory's package imports, pointed at what is loaded here
             src = src.replace("from timm.data.constants import", "from __timm_ns__ import")
             src = src.replace("from timm.data.auto_augment import rand_augment_transform, augment_and_mix_transform, "
