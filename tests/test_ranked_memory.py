@@ -152,10 +152,10 @@ def test_each_rank_draws_its_share_from_task_and_its_own_bank(tmp_path, data, re
     assert banks[0] != banks[1]
     plan = t.epoch_steps(task, 0, phase, 3, sets)
     steps, sizes = _slow_plan(sets, 2, 12, stable_seed(t.cfg.run.seed, 1, 0, 3, "order"), phase, data == "memory")
-    assert [rows.tolist() for rows, _ in plan] == steps and [s for _, s in plan] == sizes
+    assert [rows.tolist() for rows, _, _ in plan] == steps and [s for _, s, _ in plan] == sizes
     task_rows = set(task.train_idx.tolist())
-    first = [rows[: len(rows) // 2] for rows, _ in plan]
-    second = [rows[len(rows) // 2:] for rows, _ in plan]
+    first = [rows[: len(rows) // 2] for rows, _, _ in plan]
+    second = [rows[len(rows) // 2:] for rows, _, _ in plan]
     for r, part in ((0, first), (1, second)):
         allowed = banks[r] | (task_rows if data == "task+memory" else set())
         assert all(set(x.tolist()) <= allowed for x in part)
@@ -170,10 +170,11 @@ def test_one_rank_is_the_global_memory(tmp_path):
     t = make_trainer(tmp_path, "memory.ranks=1")
     assert isinstance(t.method.memory, Memory)
     phase = Phase.from_train("p", "task", t.cfg.train, 0)
-    (rows, size), *_ = t.epoch_steps(t.scenario[0], 0, phase, 0, t.rank_rows(phase, t.scenario[0]))
+    (rows, size, positions), *_ = t.epoch_steps(t.scenario[0], 0, phase, 0, t.rank_rows(phase, t.scenario[0]))
     from vitcl.data.stream import epoch_order
     order = epoch_order(len(t.scenario[0].train_idx), stable_seed(t.cfg.run.seed, 0, 0, 0, "order"), True)
     assert torch.equal(rows, t.scenario[0].train_idx[order[:16]]) and size == 16
+    assert torch.equal(positions, torch.arange(16))  # the crop keys' positions: the first global batch
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -243,5 +244,6 @@ def test_two_processes_hold_the_banks_of_two_emulated_ranks(tmp_path):
     phase = t.method.phases(task)[0]
     single = t.epoch_steps(task, 0, phase, 0, t.rank_rows(phase, task))
     assert len(single) == len(plans[0]) == len(plans[1])
-    for (rows, size), (r0, s0), (r1, s1) in zip(single, *plans):
+    for (rows, size, pos), (r0, s0, p0), (r1, s1, p1) in zip(single, *plans):
         assert torch.equal(rows, torch.cat([r0, r1])) and size == s0 == s1
+        assert torch.equal(pos, torch.cat([p0, p1]))  # the same crop draws whatever the process count

@@ -31,7 +31,15 @@ class RunConfig:
 
 @dataclass
 class AugmentConfig:
-    crop_padding: int = 0  # zero-pad then random crop back to size (CIFAR: 4)
+    # the training crop (docs/methods/dytox.md#imagenet-crops). pad: zero-pad by crop_padding and crop back at a
+    # random offset, on the device (CIFAR: 4; 0: no crop). random-resized: timm's RandomResizedCrop, per image
+    # before batching: a box of random area (a fraction in random_resized_scale) and aspect ratio (log-uniform in
+    # random_resized_ratio), resized to data.image_size with crop_interpolation
+    crop: Literal["pad", "random-resized"] = "pad"
+    crop_padding: int = 0
+    random_resized_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    random_resized_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    crop_interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # timm's default; DyTox and LPA: bicubic
     hflip: bool = False
     # timm's RandAugment, per image (data/randaugment.py): a timm policy string such as rand-m9-mstd0.5-inc1
     randaugment: str | None = None
@@ -65,6 +73,11 @@ class DataConfig:
     train_per_class: int | None = None  # keep only the first N training images of each class
     test_per_class: int | None = None
     num_workers: int = 2  # decoding workers, for sources read lazily from disk
+    # evaluation crop (docs/methods/dytox.md#imagenet-crops): null resizes each test image to image_size; a
+    # fraction in (0, 1] resizes its short side to floor(image_size / test_crop_pct) with test_interpolation and
+    # keeps the centre image_size x image_size (timm's ImageNet evaluation: 0.875, 256 px for 224)
+    test_crop_pct: float | None = None
+    test_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

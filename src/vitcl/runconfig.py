@@ -232,6 +232,7 @@ def validate(cfg: Config) -> None:
     if any(i < 1 for i in inc) or d.initial_increment < 0:
         raise ConfigError(f"data.increment: expected positive class counts, got {d.increment}")
     a = d.augment
+    check_crops(d)
     if a.randaugment_fill is not None and not all(0 <= v <= 255 for v in a.randaugment_fill):
         raise ConfigError(f"data.augment.randaugment_fill: expected uint8 values in 0..255, got {a.randaugment_fill}")
     if not 0 <= a.label_smoothing < 1:
@@ -243,6 +244,25 @@ def validate(cfg: Config) -> None:
         if a.randaugment_n > 0:
             raise ConfigError("data.augment.randaugment: timm's per-image RandAugment and kornia's batch-level one "
                               "(randaugment_n > 0) are alternatives; set randaugment: null or randaugment_n: 0")
+
+
+def check_crops(d) -> None:
+    """The crop settings of a data section (DataConfig)."""
+    a = d.augment
+    if a.crop_padding < 0:
+        raise ConfigError(f"data.augment.crop_padding: expected a value >= 0, got {a.crop_padding}")
+    if a.crop == "random-resized" and a.crop_padding:
+        raise ConfigError("data.augment.crop_padding: the pad-crop does not apply with data.augment.crop: "
+                          "random-resized; set crop_padding: 0 or crop: pad")
+    scale, ratio = a.random_resized_scale, a.random_resized_ratio
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.augment.random_resized_scale: expected [min, max] with 0 < min <= max <= 1, "
+                          f"got {scale}")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"data.augment.random_resized_ratio: expected [min, max] with 0 < min <= max, got {ratio}")
+    if d.test_crop_pct is not None and not 0 < d.test_crop_pct <= 1:
+        raise ConfigError(f"data.test_crop_pct: expected a fraction in (0, 1] (or null: resize only), "
+                          f"got {d.test_crop_pct}")
 
 
 # --------------------------------------------------------------------------------------------- run folders

@@ -1,6 +1,7 @@
 """Batched augmentation on the device: uint8 batch in, normalised float batch out.
 
-The order is timm's: crop, flip, RandAugment, then to float and normalise. Pad+crop and flips are tensor indexing
+The order is timm's: crop, flip, RandAugment, then to float and normalise. timm's random-resized crop is per image,
+before batching (data/crops.py, applied by data/stream.py); the pad+crop here and flips are tensor indexing
 (one gather per batch) on the uint8 images; RandAugment is timm's per-image policy on uint8 (data/randaugment.py) or,
 as the alternative, kornia's batch-level one on floats in [0, 1].
 Randomness comes from torch's global generator, which the engine reseeds every epoch (exact resume).
@@ -50,7 +51,7 @@ class BatchAugment:
 
     def train(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images
-        if self.cfg.crop_padding:
+        if self.cfg.crop == "pad" and self.cfg.crop_padding:
             x = random_crop(x, self.cfg.crop_padding, generator)
         if self.cfg.hflip:
             x = random_hflip(x, generator)

@@ -1,5 +1,7 @@
-"""Batches of uint8 images on the device. In-memory sets are indexed directly (no workers, no per-image
-transforms); lazy sets decode in DataLoader workers. Augmentation happens afterwards, batched, on the device.
+"""Batches of uint8 images on the device. In-memory sets are indexed directly (no workers); lazy sets decode in
+DataLoader workers, which also crop or resize each image to the set's size (data/crops.py: images differ in size
+there). In-memory sets of one size get the same per-image crops on the device. Augmentation happens afterwards,
+batched, on the device.
 
 Each epoch's order comes from a generator seeded by (seed, task, phase, epoch), identical on every rank; rank r
 takes its share of every global batch, so 1 and N processes see the same global batches.
@@ -12,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import VitclError
-from .dataset import ImageSet, fit_images
+from .crops import CropSpec, crop_batch, crop_one
+from .dataset import ImageSet
 
 
 def epoch_order(n: int, seed: int, shuffle: bool, repeats: int = 1, repeat_mode: str = "extend") -> torch.Tensor:
@@ -44,22 +47,31 @@ def rank_share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 class _Lazy(Dataset):
-    def __init__(self, images: ImageSet):
-        self.images = images
+    """Item (i, key): image i decoded, then cropped or resized to the set's size (data/crops.py); key is the
+    image's random-crop key (-1: none)."""
+
+    def __init__(self, images: ImageSet, spec: CropSpec, train: bool):
+        self.images, self.spec, self.train = images, spec, train
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        img = self.images.read(i)
-        return fit_images(img[None], self.images.image_size, self.images.channels)[0]
+    def __getitem__(self, item):
+        i, key = item
+        return crop_one(self.images.read(i), self.spec, self.train, key if key >= 0 else None)
 
 
 class BatchStream:
-    """Yields (uint8 images on device, dataset indices) for given index batches of an ImageSet."""
+    """Yields (uint8 images on device, dataset indices) for given index batches of an ImageSet.
 
-    def __init__(self, images: ImageSet, device: torch.device, num_workers: int = 2):
+    `train` batches get the spec's training crop, the others its evaluation crop. The random-resized crop of a
+    training batch draws each image's box from its key (`keys`, one int64 per row, >= 0): the engine derives them
+    from the epoch's seed and the rows' positions in the epoch; without keys they are drawn here, in the main
+    process, from torch's global generator (which the engine reseeds), never in a worker."""
+
+    def __init__(self, images: ImageSet, device: torch.device, num_workers: int = 2, spec: CropSpec | None = None):
         self.images, self.device, self.num_workers = images, device, num_workers
+        self.spec = spec or CropSpec(images.image_size, images.channels)
         self._on_device: torch.Tensor | None = None
 
     def _resident(self) -> torch.Tensor:
@@ -71,13 +83,26 @@ class BatchStream:
             self._on_device = images.to(self.device) if on_gpu else images
         return self._on_device
 
-    def __call__(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _keys(self, batches: list[torch.Tensor], train: bool, keys: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        if not (train and self.spec.crops_train):
+            return [torch.full((len(b),), -1, dtype=torch.long) for b in batches]
+        if keys is None:
+            return [torch.randint(0, 2**62, (len(b),), dtype=torch.long) for b in batches]
+        if len(keys) != len(batches) or any(len(k) != len(b) for k, b in zip(keys, batches)):
+            raise ValueError("one crop key per row of every batch")
+        return [k.long().cpu() for k in keys]
+
+    def __call__(self, batches: list[torch.Tensor], train: bool = False,
+                 keys: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        keys = self._keys(batches, train, keys)
         if self.images.in_memory:
             data = self._resident()
-            for idx in batches:
-                yield data[idx.to(data.device)].to(self.device, non_blocking=True), idx
+            for idx, k in zip(batches, keys):
+                x = data[idx.to(data.device)].to(self.device, non_blocking=True)
+                yield crop_batch(x, self.spec, train, k), idx
             return
-        loader = DataLoader(_Lazy(self.images), batch_sampler=[b.tolist() for b in batches],
+        items = [list(zip(b.tolist(), k.tolist())) for b, k in zip(batches, keys)]
+        loader = DataLoader(_Lazy(self.images, self.spec, train), batch_sampler=items,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         try:
@@ -85,6 +110,12 @@ class BatchStream:
                 yield x.to(self.device, non_blocking=True), idx
         except VitclError as exc:
             raise unwrap_worker_error(exc) from None
+
+
+def crop_keys(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """Random-crop keys of the rows at these positions of an epoch: a function of (the epoch's seed, position)
+    alone, so that ranks, micro-batches, workers and resumed runs agree."""
+    return (seed % 2**30) * 2**32 + positions.long()
 
 
 def unwrap_worker_error(exc: VitclError) -> VitclError:

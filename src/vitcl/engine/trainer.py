@@ -24,8 +24,9 @@ from ..config import Config
 from ..data import distributed as dist
 from ..data.augment import BatchAugment, mix_batch
 from ..data.build import build_scenario
+from ..data.crops import crop_spec
 from ..data.memory import Memory, RankedMemory
-from ..data.stream import BatchStream, epoch_order, global_batches, rank_share
+from ..data.stream import BatchStream, crop_keys, epoch_order, global_batches, rank_share
 from ..errors import ConfigError, TrainingError
 from ..eval import jsonfile
 from ..eval.evaluator import evaluate
@@ -113,8 +114,10 @@ class Trainer:
             self.method.model.compile()
         self.augment = BatchAugment(cfg.data.augment, self.scenario.mean, self.scenario.std,
                                     self.scenario.train.channels)
-        self.train_stream = BatchStream(self.scenario.train, self.device, cfg.data.num_workers)
-        self.test_stream = BatchStream(self.scenario.test, self.device, cfg.data.num_workers)
+        self.train_stream = BatchStream(self.scenario.train, self.device, cfg.data.num_workers,
+                                        crop_spec(cfg.data, self.scenario.train))
+        self.test_stream = BatchStream(self.scenario.test, self.device, cfg.data.num_workers,
+                                       crop_spec(cfg.data, self.scenario.test))
         self.progress = Progress(progress and cfg.run.progress and dist.is_main())
         self.state = RunState()
         self.ckpt_dir = run_dir / "checkpoints"
@@ -153,7 +156,14 @@ class Trainer:
         counts = [len(rank_share(indices, r, self.world)) for r in range(self.world)]
         outs = []
         with torch.no_grad():
-            for x_u8, _ in self.train_stream(list(mine.split(bs))):
+            batches = list(mine.split(bs))
+            keys = None
+            if augment and generator is not None and self.train_stream.spec.crops_train:
+                # the crops drawn from the generator too, for all rows whatever the sharding
+                drawn = torch.randint(0, 2**62, (len(indices),), generator=generator, device=generator.device).cpu()
+                mine_keys = rank_share(drawn, self.rank, self.world) if shard else drawn
+                keys = list(mine_keys.split(bs))
+            for x_u8, _ in self.train_stream(batches, train=augment, keys=keys):
                 x = self.augment.train(x_u8, generator) if augment else self.augment.test(x_u8)
                 with self.autocast():
                     outs.append(fn(x).float())
@@ -172,7 +182,7 @@ class Trainer:
         caller's business (combine per-rank sums with reduce_sum)."""
         bs = batch_size or self.cfg.eval.batch_size
         mine = rank_share(indices, self.rank, self.world)
-        for x_u8, idx in self.train_stream(list(mine.split(bs))):
+        for x_u8, idx in self.train_stream(list(mine.split(bs)), train=augment):
             yield (self.augment.train(x_u8) if augment else self.augment.test(x_u8)), idx
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -335,8 +345,10 @@ class Trainer:
         return sets
 
     def epoch_steps(self, task, p: int, phase: Phase, epoch: int,
-                    sets: list[tuple[int, torch.Tensor]]) -> list[tuple[torch.Tensor, int]]:
-        """(this process's rows, the global batch size) of every step of an epoch, from `rank_rows`.
+                    sets: list[tuple[int, torch.Tensor]]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(this process's rows, the global batch size, the rows' positions in the epoch) of every step of an
+        epoch, from `rank_rows`. A position is the row's place in the epoch's sequence of global batches (which
+        seeds its random crop), the same whatever the number of processes.
 
         Every rank orders its own rows with the same generator of (seed, task, phase, epoch) and takes its share of
         each global batch (DeiT's RASampler over each rank's own dataset). A memory phase under a RankedMemory
@@ -348,20 +360,26 @@ class Trainer:
             raise ConfigError(f"memory.ranks: phase '{phase.name}' has batches of {phase.batch_size}, which do not "
                               f"split over {n_ranks} ranks")
         seed = stable_seed(cfg.run.seed, task.index, p, epoch, "order")
-        per_rank, sizes = [], []
+        per_rank, per_rank_positions, sizes = [], [], []
         for r, rows in sets:
             order = epoch_order(len(rows), seed, phase.shuffle, phase.repeats, phase.repeat_mode)
             if whole:
-                shares = global_batches(order, phase.batch_size // n_ranks, phase.drop_last)
+                per = phase.batch_size // n_ranks
+                shares = global_batches(order, per, phase.drop_last)
                 sizes = [len(b) * n_ranks for b in shares]
+                positions = [i * phase.batch_size + r * per + torch.arange(len(b)) for i, b in enumerate(shares)]
             else:
                 batches = global_batches(order, phase.batch_size, phase.drop_last)
                 shares = [rank_share(b, r, n_ranks) for b in batches]
                 sizes = [len(b) for b in batches]
+                positions = [rank_share(i * phase.batch_size + torch.arange(len(b)), r, n_ranks)
+                             for i, b in enumerate(batches)]
             per_rank.append([rows[b] for b in shares])
+            per_rank_positions.append(positions)
         if cfg.train.max_batches:
             sizes = sizes[: cfg.train.max_batches]
-        return [(torch.cat([rows[i] for rows in per_rank]), size) for i, size in enumerate(sizes)]
+        return [(torch.cat([rows[i] for rows in per_rank]), size, torch.cat([q[i] for q in per_rank_positions]))
+                for i, size in enumerate(sizes)]
 
     def train_epoch(self, task, p, phase, epoch, indices, optimizer, params, label) -> float:
         cfg = self.cfg
@@ -374,16 +392,21 @@ class Trainer:
                     [(r, memory.banks[r].indices()) for r in memory.local])
             side = side if len(side[0][1]) else None
         loss_sum, n_steps = 0.0, 0
-        for step, (share, size) in enumerate(self.epoch_steps(task, p, phase, epoch, indices)):
+        # random-resized crops: each image's draw from (the epoch's seed, its position in the epoch)
+        crop_seed = stable_seed(cfg.run.seed, task.index, p, epoch, "crop")
+        for step, (share, size, positions) in enumerate(self.epoch_steps(task, p, phase, epoch, indices)):
             rows = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
+            keys = [crop_keys(crop_seed, q) for q in positions.tensor_split(accum) if len(q)] if len(share) else []
             side_rows = self.memory_batch_rows(side, phase.memory_batch, len(rows),
                                                (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
+            side_seed = stable_seed(cfg.run.seed, task.index, p, epoch, step, self.rank, "memory-batch-crop")
             optimizer.zero_grad(set_to_none=True)
             shares = torch.zeros((), dtype=torch.float64)  # this rank's share of the step's loss
-            for (x_u8, idx), mrows in zip(self.train_stream(rows), side_rows):
+            for k, ((x_u8, idx), mrows) in enumerate(zip(self.train_stream(rows, train=True, keys=keys), side_rows)):
                 batch = self.make_batch(x_u8, idx, memory_rows)
                 if mrows is not None and len(mrows):
-                    mx_u8, midx = next(iter(self.train_stream([mrows])))
+                    mkeys = [crop_keys(side_seed + k, torch.arange(len(mrows)))]
+                    mx_u8, midx = next(iter(self.train_stream([mrows], train=True, keys=mkeys)))
                     batch.memory = self.make_batch(mx_u8, midx, None)
                     batch.memory.from_memory = torch.ones(len(midx), dtype=torch.bool, device=mx_u8.device)
                 with self.autocast():

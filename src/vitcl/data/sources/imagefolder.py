@@ -22,8 +22,8 @@ of the sorted (relative path, size) list rather than hashing every image.
 
 Images are the files with the usual extensions (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp .gif, any case).
 Nothing is decoded when the set is built: `ImageSet.read(i)` decodes image i to RGB uint8 in a DataLoader worker,
-where the engine resizes it to data.image_size. Paths are kept in one numpy byte buffer (not a list of Python
-strings) so that a million of them pickle quickly into workers and stay shared after fork.
+where the stream crops or resizes it to data.image_size (data/crops.py). Paths are kept in one numpy byte buffer
+(not a list of Python strings) so that a million of them pickle quickly into workers and stay shared after fork.
 """
 from __future__ import annotations
 
