@@ -148,8 +148,16 @@ def test_the_penalty_holds_the_backbone_near_its_anchor():
 
 def test_tiny_online_ewc_run(tmp_path):
     cfg, _ = load_config(["ewc/digits-b0inc2"], [*TINY, "method.merge=online", "method.lamb=50"])
-    res = Trainer(cfg, tmp_path, progress=False).fit()
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    res = trainer.fit()
     assert res["tasks_done"] == 3 and "extra" not in res
+    fresh = Trainer(cfg, tmp_path, progress=False)
+    for _ in fresh.restore_task_checkpoints():
+        pass
+    assert set(fresh.method.fisher) == set(trainer.method.fisher)
+    for n, f in trainer.method.fisher.items():
+        torch.testing.assert_close(fresh.method.fisher[n], f)
+        torch.testing.assert_close(fresh.method.anchor[n], trainer.method.anchor[n])
     assert res["class_il"]["acc_matrix"][0][0] > 40  # 4 classes: chance is 25
     assert res["task_il"]["last"] > 40  # tasks of 3-4 classes: chance is about 30
 

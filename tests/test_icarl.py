@@ -258,3 +258,23 @@ def test_method_builds_on_the_presets_scenario_shapes():
     scenario = build_scenario(cfg.data, shapes_only=True)
     m = METHODS.get("icarl")(cfg, scenario, torch.device("meta"))
     assert m.extra_scorers() == ("cnn",)
+
+
+def test_checkpoint_restores_the_class_means_and_the_teacher(icarl_run):
+    trainer, _, run_dir = icarl_run
+    m = trainer.method
+    x = torch.randn(4, *trainer.scenario.test.images.shape[1:])
+    m.model.eval()
+    with torch.no_grad():
+        main_scores, extra = m.scores(x)
+        teacher = m.teacher(x)
+    fresh = Trainer(trainer.cfg, run_dir, progress=False)
+    restored = dict(fresh.restore_task_checkpoints())
+    assert sorted(restored) == [0, 1, 2]
+    r = fresh.method
+    r.model.eval()
+    with torch.no_grad():
+        again, again_extra = r.scores(x)
+        torch.testing.assert_close(r.teacher(x), teacher)
+    torch.testing.assert_close(again, main_scores)
+    torch.testing.assert_close(again_extra["cnn"], extra["cnn"])
