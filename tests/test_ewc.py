@@ -169,3 +169,15 @@ def test_presets_build_with_the_tables_backbone(preset):
     assert cfg.memory.size == 0 and cfg.method.lamb == 5000.0 and cfg.method.fisher_targets == "prediction"
     rows, _ = param_rows(cfg)
     assert math.floor(rows[-1]["total"] / 1e4) / 100 == 11.22
+
+
+def test_ewc_runs_on_a_tiny_convit(tmp_path):
+    convit = ["model.name=convit", "model.patch_size=4", "model.embed_dim=16", "model.depth=2",
+              "model.local_up_to_layer=1", "model.num_heads=2", "model.drop_path=0", "data.increment=[5,5]",
+              "train.epochs=1", "data.train_per_class=10", "run.threads=1", "eval.batch_size=64"]
+    cfg, _ = load_config(["ewc/digits-b0inc2"], convit)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    res = trainer.fit()
+    assert res["model"] == "convit" and res["tasks_done"] == 2
+    assert any(n.startswith("backbone.") and "attn" in n for n in trainer.method.fisher)
+    assert all(torch.isfinite(f).all() for f in trainer.method.fisher.values())
