@@ -26,9 +26,37 @@ class EvalResult:
     seen_class_il_topk: float = math.nan
     seen_task_il: float = math.nan
     n_test: list[int] = field(default_factory=list)
+    # per extra scorer: the accuracy fields above (class_il, class_il_topk, task_il, seen_*), same meaning
+    extra: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        """The fields as a dict; `extra` only when a method has extra scorers (other runs' records keep their keys)."""
+        out = dict(vars(self))
+        if not out["extra"]:
+            del out["extra"]
+        return out
+
+
+SCORE_FIELDS = ("class_il", "class_il_topk", "task_il", "seen_class_il", "seen_class_il_topk", "seen_task_il")
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor, in_task: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 3) per sample: class-IL top-1 hit, class-IL top-k hit, task-IL top-1 hit."""
+    top = logits.topk(k, dim=1).indices
+    hit1 = top[:, 0] == y
+    hitk = (top == y[:, None]).any(1)
+    til = logits.masked_fill(~in_task, float("-inf")).argmax(1) == y
+    return torch.stack([hit1, hitk, til], 1)
+
+
+def _accuracies(n: torch.Tensor, hits: torch.Tensor) -> dict:
+    """Per-task and over-all-seen accuracies (percent) from counts n (T,) and hits (T, 3)."""
+    safe = n.clamp(min=1)
+    return {"class_il": (100 * hits[:, 0] / safe).tolist(), "class_il_topk": (100 * hits[:, 1] / safe).tolist(),
+            "task_il": (100 * hits[:, 2] / safe).tolist(),
+            "seen_class_il": float(100 * hits[:, 0].sum() / safe.sum()),
+            "seen_class_il_topk": float(100 * hits[:, 1].sum() / safe.sum()),
+            "seen_task_il": float(100 * hits[:, 2].sum() / safe.sum())}
 
 
 @torch.no_grad()
@@ -38,8 +66,9 @@ def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchSt
     was_training = model.training
     model.eval()
     T = upto + 1
-    # counts[j] = (n, class-IL top-1, class-IL top-k, task-IL top-1)
-    counts = torch.zeros(T, 4, dtype=torch.float64)
+    names = sorted(method.extra_scorers()) if not method.task_conditioned else []
+    # counts[j] = (n, class-IL top-1, class-IL top-k, task-IL top-1), then the same three per extra scorer
+    counts = torch.zeros(T, 4 + 3 * len(names), dtype=torch.float64)
     seen = scenario.seen_classes(upto)
     k = min(top_k, seen)
     tasks_of = scenario.task_of_label
@@ -61,19 +90,20 @@ def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchSt
                 counts[tt, 3] += (pred == y[sel]).sum().item()
             continue
         with autocast():
-            logits = method.logits(x).float()
-        if logits.shape[1] != seen:  # a method's bug, checked also under python -O
-            raise RuntimeError(f"{method.name}: logits cover {logits.shape[1]} classes, {seen} are seen")
-        top = logits.topk(k, dim=1).indices
-        hit1 = top[:, 0] == y
-        hitk = (top == y[:, None]).any(1)
+            main, extra = method.scores(x)
         cols = torch.arange(seen, device=x.device)[None]
         lo = torch.tensor([scenario[i].offset for i in range(T)], device=x.device)[t][:, None]
         hi = torch.tensor([scenario[i].end for i in range(T)], device=x.device)[t][:, None]
         in_task = (cols >= lo) & (cols < hi)
-        til = logits.masked_fill(~in_task, float("-inf")).argmax(1) == y
-        per_task = torch.stack([torch.ones_like(hit1), hit1, hitk, til], 1).double().cpu()
-        counts.index_add_(0, t.cpu(), per_task)
+        rows = [torch.ones_like(y, dtype=torch.bool)[:, None]]
+        for name, logits in [("", main), *sorted(extra.items())]:
+            if logits.shape[1] != seen:  # a method's bug, checked also under python -O
+                what = f"scores '{name}'" if name else "logits"
+                raise RuntimeError(f"{method.name}: {what} cover {logits.shape[1]} classes, {seen} are seen")
+            rows.append(_hits(logits.float(), y, in_task, k))
+        if sorted(extra) != names:  # a method's bug
+            raise RuntimeError(f"{method.name}: scores gave extra scorers {sorted(extra)}, it declares {names}")
+        counts.index_add_(0, t.cpu(), torch.cat(rows, 1).double().cpu())
     all_reduce_sum(counts)
     model.train(was_training)
     n = counts[:, 0].clamp(min=1)
@@ -88,4 +118,6 @@ def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchSt
         res.class_il_topk = (100 * counts[:, 2] / n).tolist()
         res.seen_class_il = float(100 * counts[:, 1].sum() / n.sum())
         res.seen_class_il_topk = float(100 * counts[:, 2].sum() / n.sum())
+        for j, name in enumerate(names):
+            res.extra[name] = _accuracies(counts[:, 0], counts[:, 4 + 3 * j: 7 + 3 * j])
     return res

@@ -52,6 +52,9 @@ def build_results(cfg, scenario, evals: list[dict], tasks: list[dict], method,
         out["class_il"]["topk_matrix"] = _matrix(evals, "class_il_topk")
         out["class_il"]["seen_topk"] = [e["seen_class_il_topk"] for e in evals]
         out["class_il"]["avg_incremental_topk"] = sum(out["class_il"]["seen_topk"]) / max(len(evals), 1)
+    names = sorted({name for e in evals for name in e.get("extra", {})})
+    if names:  # extra scorers (iCaRL's NME ...): the same summaries, from the same evaluation passes
+        out["extra"] = {name: _scorer_summary([e["extra"][name] for e in evals]) for name in names}
     if tasks:
         first = tasks[0]["params"]
         out["params"] = {"per_task": [t["params"] for t in tasks], "final": tasks[-1]["params"],
@@ -94,6 +97,18 @@ def published_cell(results: dict) -> str:
     return ", ".join(p for p in (pub.get("source"), pub.get("row"), pub.get("column")) if p)
 
 
+def _scorer_summary(evals: list[dict]) -> dict:
+    """class_il (with top-k) and task_il summaries of one extra scorer, over its per-task evaluation records."""
+    out = {}
+    for name, key, seen_key in (("class_il", "class_il", "seen_class_il"), ("task_il", "task_il", "seen_task_il")):
+        acc, seen = _matrix(evals, key), [e[seen_key] for e in evals]
+        out[name] = {"acc_matrix": acc, "seen_acc": seen, **summarize(acc, seen)}
+    out["class_il"]["topk_matrix"] = _matrix(evals, "class_il_topk")
+    out["class_il"]["seen_topk"] = [e["seen_class_il_topk"] for e in evals]
+    out["class_il"]["avg_incremental_topk"] = sum(out["class_il"]["seen_topk"]) / max(len(evals), 1)
+    return out
+
+
 def _fmt(v, digits=2) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -115,6 +130,11 @@ def summary_table(results: dict) -> str:
         lines.append(f"{label:>22}{_fmt(cil[key] if cil else None):>10}{_fmt(til[key] if til else None):>10}")
     if cil and results["tasks_done"]:
         lines.append(f"{'last top-5 acc':>22}{_fmt(cil['seen_topk'][-1]):>10}")
+    for name, sc in results.get("extra", {}).items():
+        lines.append(f"{'':>22}{name + ' scores':>20}")
+        for key, label in (("avg_incremental", "avg incremental acc"), ("last", "last acc"),
+                           ("forgetting", "forgetting")):
+            lines.append(f"{label:>22}{_fmt(sc['class_il'][key]):>10}{_fmt(sc['task_il'][key]):>10}")
     if til and not cil and "avg_best_during_training" in til:  # task-conditioned methods
         lines.append(f"{'best while training*':>22}{_fmt(None):>10}{_fmt(til['avg_best_during_training']):>10}")
         lines.append("* mean over tasks of each task's best accuracy during its own training (the public Mask-RKR "
@@ -182,11 +202,16 @@ def comparison_table(run_dirs: list[Path]) -> str:
         cil, til = r.get("class_il") or {}, r.get("task_il") or {}
         secs = sum(t["seconds"] for t in r["tasks"])
         params = r.get("params", {}).get("final")
-        rows.append(f"| {Path(d).name} | {r['method']} | {data_source(d)} | {r['scenario']} "
-                    f"| {r['tasks_done']}/{r['num_tasks']} "
-                    f"| {_fmt(cil.get('avg_incremental'))} | {_fmt(cil.get('last'))} | {_fmt(cil.get('forgetting'))} "
-                    f"| {_fmt(til.get('avg_incremental'))} | {_fmt(til.get('last'))} | {_fmt(til.get('forgetting'))} "
-                    f"| {f'{params / 1e6:.2f}M' if params else '-'} | {secs:.0f} |")
+        scored = [("", cil, til)] + [(f" ({name})", sc["class_il"], sc["task_il"])
+                                     for name, sc in r.get("extra", {}).items()]
+        for suffix, cil, til in scored:  # one row per extra scorer, below the run's main row
+            rows.append(f"| {Path(d).name}{suffix} | {r['method']}{suffix} | {data_source(d)} | {r['scenario']} "
+                        f"| {r['tasks_done']}/{r['num_tasks']} "
+                        f"| {_fmt(cil.get('avg_incremental'))} | {_fmt(cil.get('last'))} "
+                        f"| {_fmt(cil.get('forgetting'))} "
+                        f"| {_fmt(til.get('avg_incremental'))} | {_fmt(til.get('last'))} "
+                        f"| {_fmt(til.get('forgetting'))} "
+                        f"| {f'{params / 1e6:.2f}M' if params else '-'} | {secs:.0f} |")
     targets = []
     for d in run_dirs:
         r = load_results(d)

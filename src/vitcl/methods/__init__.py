@@ -1,5 +1,21 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
-from . import dytox, finetune, joint, lpa, lvt, mask_rkr, multihead, piggyback, podnet, replay, rkr, single  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    dytox,
+    ewc,
+    finetune,
+    icarl,
+    joint,
+    lpa,
+    lvt,
+    lwf,
+    mask_rkr,
+    multihead,
+    piggyback,
+    podnet,
+    replay,
+    rkr,
+    single,
+)
 from .base import METHODS, Batch, Method, MethodOptions, ParamCount, Phase, register_method
 from .losses import classification_loss
 

@@ -10,7 +10,10 @@ Lifecycle per task t (the engine calls, in order):
                                     read them, as each read is a host-device sync)
     consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
     end_task(task)
-Evaluation calls logits(x) (class-IL, all seen classes) or logits(x, task=t) for task-conditioned methods.
+Evaluation calls scores(x) (class-IL, all seen classes: by default logits(x) and no extra scorer) or
+logits(x, task=t) for task-conditioned methods. A method that also classifies otherwise (iCaRL's nearest mean of
+exemplars) names its extra scorers in extra_scorers() and returns them from scores(x); the evaluator reports
+each one's class-IL and task-IL accuracies from the same pass.
 
 `ctx` (a `TaskContext`: the engine) offers, all without gradients unless the caller enables them:
     ctx.extract(indices, fn, augment=False)   fn(images) for train-set rows, in order, gathered over ranks
@@ -208,6 +211,16 @@ class Method(Generic[O]):
 
     def logits(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def extra_scorers(self) -> tuple[str, ...]:
+        """Names of the scorers that evaluation reports beside the main scores (fixed for a run)."""
+        return ()
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What evaluation scores x with: the main class-IL scores (B, seen) and, per name of extra_scorers(),
+        logits-like scores (B, seen) of another classifier (higher is better). One call per test batch, so a
+        method can share one forward pass between them."""
+        return self.logits(x), {}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features for memory selection (herding)."""

@@ -116,3 +116,46 @@ def nca_margin_loss(similarities: torch.Tensor, y: torch.Tensor, scale: torch.Te
     num = scale * (s[rows, y] - margin)
     den = torch.logsumexp(z.masked_fill(true, float("-inf")), dim=1)
     return (den - num).clamp(min=0).mean()
+
+
+def kd_cross_entropy(student_old: torch.Tensor, teacher: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """LwF's distillation (Li & Hoiem 2016): the mean over rows of -sum_c softmax(teacher/T)_c *
+    log_softmax(student/T)_c over the old classes, with no T² factor (as LwF's paper, FACIL and PyCIL write it;
+    its gradient is `distillation`'s / T²)."""
+    log_s = F.log_softmax(student_old.float() / T, dim=1)
+    p_t = F.softmax(teacher.float() / T, dim=1)
+    return -(p_t * log_s).sum(1).mean()
+
+
+def icarl_bce(logits: torch.Tensor, y: torch.Tensor, teacher_old: torch.Tensor | None) -> torch.Tensor:
+    """iCaRL's classification + distillation loss (Rebuffi et al. 2017, Algorithm 3): sigmoid binary
+    cross-entropy on every output, the targets one-hot labels for the new classes and the previous model's
+    sigmoid outputs for the old ones (the n_old = teacher_old.shape[1] first columns), averaged over B x C."""
+    targets = F.one_hot(y, logits.shape[1]).to(torch.float32)
+    if teacher_old is not None and teacher_old.shape[1]:
+        targets[:, : teacher_old.shape[1]] = torch.sigmoid(teacher_old.float())
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+def ewc_penalty(params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor],
+                anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """EWC's quadratic penalty without its weight (Kirkpatrick et al. 2017, eq. 3): 1/2 sum_i F_i (theta_i -
+    theta*_i)^2 over the parameters named in `fisher`; the caller multiplies by lambda."""
+    total = torch.zeros((), device=next(iter(params.values())).device)
+    for name, f in fisher.items():
+        total = total + (f * (params[name].float() - anchor[name]) ** 2).sum()
+    return total / 2
+
+
+def task_cross_entropy(logits: torch.Tensor, batch: Batch, offset: int,
+                       scope: Literal["task", "all"] = "task") -> torch.Tensor:
+    """Cross-entropy over the current task's classes [offset, C) only, labels shifted by offset (scope 'task':
+    LwF's and EWC's loss without memory in FACIL and PyCIL), or over every seen class (scope 'all')."""
+    if scope == "all" or offset == 0:
+        return classification_loss(logits, batch)
+    y, soft = task_targets(batch.y, batch.soft, offset, logits.shape[1])
+    if soft is not None:
+        return soft_cross_entropy(logits[:, offset:], soft)
+    if bool((y < 0).any()):
+        raise ValueError("task_cross_entropy: a row of an old class has no target among the current task's classes")
+    return F.cross_entropy(logits[:, offset:], y)
