@@ -96,6 +96,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def phase_indices(self, phase: Phase, task) -> torch.Tensor:
+        """The train-set rows of `phase.data`, as the method's `phase_rows` narrows them."""
+        return self.method.phase_rows(phase, task, self.data_rows(phase, task))
+
+    def data_rows(self, phase: Phase, task) -> torch.Tensor:
         if phase.data == "task":
             return task.train_idx
         if phase.data == "memory":

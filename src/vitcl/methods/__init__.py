@@ -1,5 +1,5 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
-from . import dytox, finetune, joint, lpa, lvt, mask_rkr, multihead, piggyback, replay, rkr, single  # noqa: F401  (registration)
+from . import bic, dytox, e2e, finetune, joint, lpa, lvt, mask_rkr, multihead, piggyback, replay, rkr, single, wa  # noqa: F401  (registration)  # noqa: F401  (registration)
 from .base import METHODS, Batch, Method, MethodOptions, ParamCount, Phase, register_method
 from .losses import classification_loss
 

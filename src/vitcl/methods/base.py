@@ -5,6 +5,7 @@ Lifecycle per task t (the engine calls, in order):
     begin_task(task)            grow the model, take a teacher, reset per-task modules (deterministic shapes)
     for phase in phases(task):
         [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
+        phase_rows(phase, task, rows)  the rows of phase.data it trains on (a held-out split, a balanced subset)
         setup_phase(phase, task)    freeze / unfreeze, train / eval modes
         loss(batch, phase, task)    per batch -> (scalar loss, {name: tensor} to log; the engine decides when to
                                     read them, as each read is a host-device sync)
@@ -184,6 +185,11 @@ class Method(Generic[O]):
     def phases(self, task: Task) -> list[Phase]:
         data: PhaseData = "task+memory" if self.uses_memory else "task"
         return [Phase.from_train("train", data, self.cfg.train, task.index)]
+
+    def phase_rows(self, phase: Phase, task: Task, rows: torch.Tensor) -> torch.Tensor:
+        """The train-set rows the phase trains on, given those of `phase.data` (a held-out split, a balanced
+        subset); called once per phase, after the memory update that precedes a "memory" phase."""
+        return rows
 
     def setup_phase(self, phase: Phase, task: Task) -> None:
         for p in self.model.parameters():

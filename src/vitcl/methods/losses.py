@@ -56,3 +56,22 @@ def stored_distillation(logits: torch.Tensor, stored: torch.Tensor, width: torch
     log_p, log_q = F.log_softmax(z, dim=1), F.log_softmax(a, dim=1)
     kl = (log_p.exp() * (log_p - log_q)).masked_fill(~valid[:, :n], 0.0).sum(1)
     return kl.mean() * T * T
+
+
+def soft_distillation(student_old: torch.Tensor, teacher: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """Hinton's softened cross-entropy: the mean over rows of -sum_c softmax(teacher/T)_c log softmax(student/T)_c,
+    with no T² factor (BiC's and WA's L_KD; the KL of `distillation` plus the teacher's entropy, so the same
+    gradient up to T²)."""
+    log_s = F.log_softmax(student_old.float() / T, dim=1)
+    p_t = F.softmax(teacher.float() / T, dim=1)
+    return -(p_t * log_s).sum(1).mean()
+
+
+def grouped_distillation(student: torch.Tensor, teacher: torch.Tensor, bounds: list[int],
+                         T: float = 2.0) -> torch.Tensor:
+    """E2E's cross-distillation: `soft_distillation` within each group of columns [bounds[g], bounds[g + 1]) (one
+    per task's head), summed over the groups; the softmax of each group is its own."""
+    total = student.new_zeros((), dtype=torch.float32)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        total = total + soft_distillation(student[:, a:b], teacher[:, a:b], T)
+    return total
