@@ -1,6 +1,6 @@
 """BiC, bias correction (Wu et al., CVPR 2019): distillation weighted by the share of old classes, then a
 two-parameter linear correction of the newest task's logits trained on a held-out split that is balanced over
-old and new classes. Equations, defaults and sources: docs/methods/wa-bic-e2e.md#bic.
+old and new classes. Equations, defaults and sources: docs/methods/bic.md.
 
 Per task t >= 1 (task 0 trains on all its data with CE and has no correction):
 - hold out, per seen class, k = floor(val_ratio * m_old) rows (m_old: the memory's per-class budget over the old

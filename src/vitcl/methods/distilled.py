@@ -1,6 +1,6 @@
 """The shape WA, BiC and E2E share: a backbone and a growing linear head over all seen classes (as finetune), a
 frozen teacher (the model as it was before the task's new classes were added) distilled at temperature T, and the
-first task's own milestones and weight decay, as the reference recipes train it (docs/methods/wa-bic-e2e.md)."""
+first task's own milestones and weight decay, as the reference recipes train it (docs/methods/wa.md, bic.md, e2e.md)."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,6 @@
 """E2E / EEIL, end-to-end incremental learning (Castro et al., ECCV 2018): cross-distilled loss over every old
 task's logits, then a class-balanced finetuning with a temporary distillation of the new classes, and the paper's
-brightness / contrast augmentation. Equations, defaults and sources: docs/methods/wa-bic-e2e.md#e2e.
+brightness / contrast augmentation. Equations, defaults and sources: docs/methods/e2e.md.
 
 Per task t >= 1:
 - phase "train" on the task's data + the memory:

@@ -1,6 +1,6 @@
 """WA, weight aligning (Zhao et al., CVPR 2020): distillation on the old classes, then after each task the new
 classes' weight vectors rescaled to the old classes' mean norm; the classifier's weights kept non-negative.
-Equations, defaults and sources: docs/methods/wa-bic-e2e.md#wa.
+Equations, defaults and sources: docs/methods/wa.md.
 
 Per task t >= 1, on the task's data + the memory:
     loss = (1 - lam) * CE(logits, y) + lam * KD_T(logits[:, :n_old], teacher),    lam = n_old / n_seen
