@@ -83,6 +83,7 @@ def test_cross_distilled_losses(tmp_path):
         m.begin_task(s[t])  # teacher: the 5-class model (tasks of 2 and 3 classes); student: 10 classes
     train, balanced = m.phases(s[2])
     assert balanced.name == "balanced" and balanced.epochs == 2 and balanced.lr == pytest.approx(2.0e-4)
+    assert balanced.schedule == "multistep" and balanced.milestones == [1] and train.milestones != [1]
     torch.manual_seed(0)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 6, 9])
     batch = Batch(x=x, y=y, task=torch.zeros(4, dtype=torch.long), index=torch.arange(4))

@@ -130,6 +130,9 @@ class E2E(Distilled):
         if phase.name == "balanced" and self.finetune_teacher is None and self.opts.finetune_new_distillation:
             self.finetune_teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    def end_task(self, task):
+        self.finetune_teacher = None  # the temporary teacher of this task's balanced phase only
+
     def old_bounds(self, task) -> list[int]:
         bounds = [0]
         for s in range(task.index):
