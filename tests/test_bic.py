@@ -46,7 +46,7 @@ def test_holdout_split_is_seeded_balanced_and_disjoint():
 
 def trainer(tmp_path, *extra):
     cfg, _ = load_config(["bic/digits-b0inc2"], [*TINY_RUN, f"run.out_dir={tmp_path}", *extra])
-    (tmp_path / "r").mkdir()
+    (tmp_path / "r").mkdir(parents=True)
     return Trainer(cfg, tmp_path / "r", progress=False)
 
 
@@ -129,6 +129,14 @@ def test_tiny_run_holds_out_and_corrects_only_the_newest_task(tmp_path):
         k = int(0.1 * (120 // s[t].offset))  # a tenth of the old classes' per-class memory
         assert counts.tolist() == [k] * s[t].end  # k per seen class: old (exemplars) and new alike
     assert seen[(0, "train")] == set(s[0].train_idx.tolist())  # task 0: nothing held out
+    # a run resumed from task 0's checkpoint draws the same held-out rows (seeded, from the restored memory)
+    from vitcl.engine import checkpoint
+
+    again = trainer(tmp_path / "again")
+    again.restore(checkpoint.load(tr.run_dir / "checkpoints" / "task_0.pt"))
+    again.method.begin_task(s[1])
+    bias = again.method.phases(s[1])[1]
+    assert set(again.phase_indices(bias, s[1]).tolist()) == seen[(1, "bias")]
     cil, til = res["class_il"]["seen_acc"], res["task_il"]["seen_acc"]
     assert cil[0] > 40 and cil[-1] > 15 and til[-1] > 40
 
