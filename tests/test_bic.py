@@ -174,3 +174,16 @@ def test_other_backbones(tmp_path, backbone):
     (tmp_path / "r").mkdir()
     res = Trainer(cfg, tmp_path / "r", progress=False).fit()
     assert res["tasks_done"] == 2 and len(res["class_il"]["seen_acc"]) == 2
+
+
+def test_keep_corrections_false_resets_earlier_layers_but_not_the_teachers(tmp_path):
+    tr = trainer(tmp_path, "method.keep_corrections=false")
+    m, s = tr.method, tr.scenario
+    m.begin_task(s[0])
+    m.begin_task(s[1])
+    with torch.no_grad():
+        m.model.bias_layers[1].alpha.fill_(0.5)
+        m.model.bias_layers[1].beta.fill_(0.2)
+    m.begin_task(s[2])
+    assert [float(b.alpha) for b in m.model.bias_layers] == [1.0, 1.0, 1.0]
+    assert float(m.teacher.bias_layers[1].alpha) == 0.5 and float(m.teacher.bias_layers[1].beta) == pytest.approx(0.2)

@@ -172,3 +172,15 @@ def test_other_backbones(tmp_path, backbone):
     (tmp_path / "r").mkdir()
     res = Trainer(cfg, tmp_path / "r", progress=False).fit()
     assert res["tasks_done"] == 2 and len(res["class_il"]["seen_acc"]) == 2
+
+
+def test_head_without_biases(tmp_path):
+    """DER's WA code has a classifier without biases: here they are 0 and never trained."""
+    tr = tiny(tmp_path, "method.head_bias=false")
+    m, s = tr.method, tr.scenario
+    for t in range(2):
+        m.begin_task(s[t])
+        m.setup_phase(m.phases(s[t])[0], s[t])
+    for h in m.model.head.heads:
+        assert not h.fc.bias.requires_grad and not bool(h.fc.bias.any())
+    assert all(h.fc.weight.requires_grad for h in m.model.head.heads)

@@ -100,6 +100,9 @@ class BiCOptions(DistilledOptions):
     bias_lr: float | None = None  # stage 2's lr (scaled like train.lr); None: train.lr (PyCIL)
     bias_loss: Literal["ce", "softmax_ce"] = "ce"  # softmax_ce: PyCIL's cross-entropy of the softmax outputs
     bias_bn: Literal["eval", "train"] = "eval"  # train: BatchNorm statistics move in stage 2, as in PyCIL
+    # true: every task's correction stays applied (PyCIL); false: only the newest task's, earlier ones reset to the
+    # identity when a task begins (DER's code: one post-processor, reset each task)
+    keep_corrections: bool = True
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -122,7 +125,12 @@ class BiC(Distilled):
         return BiCClassifier(plain.backbone, plain.head)
 
     def begin_task(self, task):
-        super().begin_task(task)
+        super().begin_task(task)  # the teacher keeps the corrections it was evaluated with
+        if not self.opts.keep_corrections:
+            with torch.no_grad():
+                for b in self.model.bias_layers:
+                    cast(BiasLayer, b).alpha.fill_(1.0)
+                    cast(BiasLayer, b).beta.zero_()
         self.model.bias_layers.append(BiasLayer().to(self.device))
 
     def holdout_per_class(self, task) -> int:

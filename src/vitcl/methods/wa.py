@@ -59,6 +59,7 @@ class WAOptions(DistilledOptions):
     kd_weight: float | None = None  # None: the paper's (1 - lam) CE + lam KD, lam = n_old / n_seen; w: CE + w KD
     clip: bool = True  # the paper's non-negative classifier weights (PyCIL's wa.py has no clipping)
     align: bool = True  # weight aligning after each task t >= 1
+    head_bias: bool = True  # false: the classifier's biases fixed at 0 (DER's WA code: `use_bias: False`)
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -70,6 +71,18 @@ class WAOptions(DistilledOptions):
 class WA(Distilled):
     opts: WAOptions
     Options = WAOptions
+
+    def begin_task(self, task):
+        super().begin_task(task)
+        if not self.opts.head_bias:
+            with torch.no_grad():
+                task_linears(self.model.head)[-1].bias.zero_()
+
+    def setup_phase(self, phase, task):
+        super().setup_phase(phase, task)
+        if not self.opts.head_bias:
+            for fc in task_linears(self.model.head):
+                fc.bias.requires_grad_(False)
 
     def loss(self, batch, phase, task):
         if self.opts.clip:  # before every forward pass: the same as after every optimiser step
