@@ -158,3 +158,26 @@ def test_other_backbones(tmp_path, backbone):
     (tmp_path / "r").mkdir()
     res = Trainer(cfg, tmp_path / "r", progress=False).fit()
     assert res["tasks_done"] == 2 and len(res["class_il"]["seen_acc"]) == 2
+
+
+def test_finetuning_teacher_survives_a_checkpoint(tmp_path):
+    """A run resumed inside the balanced phase distils towards the same temporary teacher, not the resumed model."""
+    tr = trainer(tmp_path)
+    m, s = tr.method, tr.scenario
+    m.begin_task(s[0])
+    m.begin_task(s[1])
+    balanced = m.phases(s[1])[1]
+    m.setup_phase(balanced, s[1])
+    with torch.no_grad():
+        for p in m.model.parameters():
+            p.add_(0.1)  # finetuning moved the model
+    state = m.state_dict()
+    fresh = type(m)(tr.cfg, s, m.device)
+    fresh.begin_task(s[0])
+    fresh.begin_task(s[1])
+    fresh.load_state_dict(state)
+    fresh.setup_phase(balanced, s[1])  # the engine sets the phase up again on resume
+    want = m.finetune_teacher.state_dict()
+    assert all(torch.equal(v, fresh.finetune_teacher.state_dict()[k]) for k, v in want.items())
+    fresh.end_task(s[1])
+    assert fresh.finetune_teacher is None
