@@ -185,5 +185,5 @@ def test_keep_corrections_false_resets_earlier_layers_but_not_the_teachers(tmp_p
         m.model.bias_layers[1].alpha.fill_(0.5)
         m.model.bias_layers[1].beta.fill_(0.2)
     m.begin_task(s[2])
-    assert [float(b.alpha) for b in m.model.bias_layers] == [1.0, 1.0, 1.0]
+    assert [float(b.alpha.detach()) for b in m.model.bias_layers] == [1.0, 1.0, 1.0]
     assert float(m.teacher.bias_layers[1].alpha) == 0.5 and float(m.teacher.bias_layers[1].beta) == pytest.approx(0.2)
