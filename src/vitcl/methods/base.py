@@ -5,8 +5,8 @@ Lifecycle per task t (the engine calls, in order):
     begin_task(task)            grow the model, take a teacher, reset per-task modules (deterministic shapes)
     for phase in phases(task):
         [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
-        phase_rows(phase, task, rows)  the rows of phase.data it trains on (a held-out split, a balanced subset)
         setup_phase(phase, task)    freeze / unfreeze, train / eval modes
+        phase_rows(phase, task, rows)  the rows of phase.data it trains on (a held-out split, a balanced subset)
         loss(batch, phase, task)    per batch -> (scalar loss, {name: tensor} to log; the engine decides when to
                                     read them, as each read is a host-device sync)
     consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
@@ -188,7 +188,8 @@ class Method(Generic[O]):
 
     def phase_rows(self, phase: Phase, task: Task, rows: torch.Tensor) -> torch.Tensor:
         """The train-set rows the phase trains on, given those of `phase.data` (a held-out split, a balanced
-        subset); called once per phase, after the memory update that precedes a "memory" phase."""
+        subset); called once per phase (again on resume), after setup_phase and after the memory update that
+        precedes a "memory" phase. It must be a function of the method's state and the seed."""
         return rows
 
     def setup_phase(self, phase: Phase, task: Task) -> None:
