@@ -72,7 +72,7 @@ def slow_soft_ce(s, t, T):
 
 def trainer(tmp_path, *extra):
     cfg, _ = load_config(["e2e/digits-b0inc2"], [*TINY_RUN, f"run.out_dir={tmp_path}", *extra])
-    (tmp_path / "r").mkdir()
+    (tmp_path / "r").mkdir(parents=True)
     return Trainer(cfg, tmp_path / "r", progress=False)
 
 
@@ -102,6 +102,9 @@ def test_cross_distilled_losses(tmp_path):
         cross2 = slow_soft_ce(z2[:, :2], zt[:, :2], 2.0) + slow_soft_ce(z2[:, 2:5], zt[:, 2:5], 2.0)
         want = slow_ce(z2, y) + 0.7 * cross2 + 0.7 * slow_soft_ce(z2[:, 5:], zf[:, 5:], 2.0)
         assert float(loss) == pytest.approx(want, rel=1e-5) and "kd_new" in logs
+    # without a memory there is no balanced subset, hence no balanced phase
+    bare = trainer(tmp_path / "bare", "memory.size=0").method
+    assert [p.name for p in bare.phases(s[1])] == ["train"]
 
 
 def test_tiny_run_finetunes_on_a_balanced_subset(tmp_path):

@@ -111,7 +111,7 @@ class E2E(Distilled):
     def phases(self, task):
         phases = [self.train_phase(task)]
         o = self.opts
-        if task.index > 0 and o.finetune_epochs > 0:
+        if task.index > 0 and o.finetune_epochs > 0 and self.memory.enabled:  # no memory: no balanced subset
             lr = self.cfg.train.scaled_lr(o.finetune_lr)
             phases.append(self.train_phase(task, "balanced", epochs=o.finetune_epochs, lr=lr, schedule="multistep",
                                            milestones=list(o.finetune_milestones), gamma=0.1, warmup_epochs=0))
