@@ -9,7 +9,7 @@ from vitcl.cli import param_rows
 from vitcl.data.build import build_scenario
 from vitcl.engine.trainer import Trainer
 from vitcl.methods import METHODS, Batch
-from vitcl.methods.losses import kd_cross_entropy, task_cross_entropy
+from vitcl.methods.losses import soft_distillation, task_cross_entropy
 from vitcl.runconfig import load_config
 
 TINY_VIT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
@@ -18,7 +18,7 @@ TINY_VIT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=32", "model
             "train.epochs=5", "train.batch_size=16", "eval.batch_size=64", "run.threads=1"]
 
 
-def test_kd_cross_entropy_is_lwfs_softened_cross_entropy():
+def test_soft_distillation_is_lwfs_softened_cross_entropy():
     torch.manual_seed(0)
     s, t, T = torch.randn(4, 5), torch.randn(4, 5), 2.0
     total = 0.0
@@ -26,12 +26,12 @@ def test_kd_cross_entropy_is_lwfs_softened_cross_entropy():
         zs = [math.exp(s[i, c].item() / T) for c in range(5)]
         zt = [math.exp(t[i, c].item() / T) for c in range(5)]
         total += -sum(zt[c] / sum(zt) * math.log(zs[c] / sum(zs)) for c in range(5))
-    assert kd_cross_entropy(s, t, T).item() == pytest.approx(total / 4, rel=1e-5)
+    assert soft_distillation(s, t, T).item() == pytest.approx(total / 4, rel=1e-5)
     # the paper's form: softmax(z)^(1/T) renormalised is softmax(z / T)
     p = torch.softmax(t, 1) ** (1 / T)
     q = torch.softmax(s, 1) ** (1 / T)
     direct = -(p / p.sum(1, keepdim=True) * (q / q.sum(1, keepdim=True)).log()).sum(1).mean()
-    assert kd_cross_entropy(s, t, T).item() == pytest.approx(direct.item(), rel=1e-5)
+    assert soft_distillation(s, t, T).item() == pytest.approx(direct.item(), rel=1e-5)
 
 
 def test_task_cross_entropy_uses_the_current_tasks_classes_only():
@@ -76,7 +76,7 @@ def test_the_loss_is_new_task_ce_plus_lamb_times_kd_towards_the_frozen_copy():
         old = m.teacher(x)
     assert old.shape[1] == 4 and logits.shape[1] == 7
     ce = torch.nn.functional.cross_entropy(logits[:, 4:], y - 4)
-    kd = kd_cross_entropy(logits[:, :4], old, 2.0)
+    kd = soft_distillation(logits[:, :4], old, 2.0)
     assert loss.item() == pytest.approx((ce + 0.7 * kd).item(), rel=1e-5)
     assert set(logs) == {"ce", "kd"}
 

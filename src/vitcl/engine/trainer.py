@@ -130,7 +130,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def phase_indices(self, phase: Phase, task, memory: Memory | RankedMemory | None = None) -> torch.Tensor:
-        """The rows of a phase, with the memory rows from `memory` (default: the method's)."""
+        """The train-set rows of `phase.data`, with the memory rows from `memory` (default: the method's), as the
+        method's `phase_rows` narrows them."""
+        return self.method.phase_rows(phase, task, self.data_rows(phase, task, memory))
+
+    def data_rows(self, phase: Phase, task, memory: Memory | RankedMemory | None = None) -> torch.Tensor:
         memory = self.method.memory if memory is None else memory
         if phase.data == "task":
             return task.train_idx

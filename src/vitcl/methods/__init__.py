@@ -1,6 +1,8 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
 from . import (  # noqa: F401  (registration)
+    bic,
     dytox,
+    e2e,
     ewc,
     finetune,
     icarl,
@@ -15,6 +17,7 @@ from . import (  # noqa: F401  (registration)
     replay,
     rkr,
     single,
+    wa,
 )
 from .base import METHODS, Batch, Method, MethodOptions, ParamCount, Phase, register_method
 from .losses import classification_loss

@@ -6,6 +6,7 @@ Lifecycle per task t (the engine calls, in order):
     for phase in phases(task):
         [update_memory(task, ctx)   once, before the first phase whose data is "memory", else after the last]
         setup_phase(phase, task)    freeze / unfreeze, train / eval modes
+        phase_rows(phase, task, rows)  the rows of phase.data it trains on (a held-out split, a balanced subset)
         loss(batch, phase, task)    per batch -> (scalar loss, {name: tensor} to log; the engine decides when to
                                     read them, as each read is a host-device sync)
     consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
@@ -198,6 +199,12 @@ class Method(Generic[O]):
     def phases(self, task: Task) -> list[Phase]:
         data: PhaseData = "task+memory" if self.uses_memory else "task"
         return [Phase.from_train("train", data, self.cfg.train, task.index)]
+
+    def phase_rows(self, phase: Phase, task: Task, rows: torch.Tensor) -> torch.Tensor:
+        """The train-set rows the phase trains on, given those of `phase.data` (a held-out split, a balanced
+        subset); called once per phase (again on resume), after setup_phase and after the memory update that
+        precedes a "memory" phase. It must be a function of the method's state and the seed."""
+        return rows
 
     def setup_phase(self, phase: Phase, task: Task) -> None:
         for p in self.model.parameters():

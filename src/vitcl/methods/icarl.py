@@ -6,7 +6,7 @@ trains on the task's data + the memory with
     distillation 'bce' (the paper's):  BCE(sigmoid(logits), [sigmoid(teacher's old logits), one-hot new classes])
                                         averaged over B x C (`losses.icarl_bce`);
     distillation 'kd' (PyCIL's icarl.py): CE(logits, y) + KD_T(old-class logits, teacher's), T = 2
-                                        (`losses.kd_cross_entropy`);
+                                        (`losses.soft_distillation`);
 then herding picks the exemplars (memory.selection: herding), and the class means of the exemplars (unit-norm
 features, averaged with the flipped image) are recomputed for every seen class (`nme.NMEScorer`).
 Evaluation scores with both classifiers in one pass: `classifier` names the main one (nme: the paper's), the
@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError
 from .base import MethodOptions, register_method
 from .finetune import Finetune
-from .losses import classification_loss, icarl_bce, kd_cross_entropy
+from .losses import classification_loss, icarl_bce, soft_distillation
 from .nme import NMEScorer
 
 
@@ -82,7 +82,7 @@ class ICaRL(Finetune):
         ce = classification_loss(logits, batch)
         if old is None:
             return ce, {"ce": ce.detach()}
-        kd = kd_cross_entropy(logits[:, : task.offset], old, self.opts.temperature)
+        kd = soft_distillation(logits[:, : task.offset], old, self.opts.temperature)
         return ce + self.opts.kd_weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
     def consolidate(self, task, ctx):

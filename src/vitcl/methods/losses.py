@@ -118,10 +118,10 @@ def nca_margin_loss(similarities: torch.Tensor, y: torch.Tensor, scale: torch.Te
     return (den - num).clamp(min=0).mean()
 
 
-def kd_cross_entropy(student_old: torch.Tensor, teacher: torch.Tensor, T: float = 2.0) -> torch.Tensor:
-    """LwF's distillation (Li & Hoiem 2016): the mean over rows of -sum_c softmax(teacher/T)_c *
-    log_softmax(student/T)_c over the old classes, with no T² factor (as LwF's paper, FACIL and PyCIL write it;
-    its gradient is `distillation`'s / T²)."""
+def soft_distillation(student_old: torch.Tensor, teacher: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """Hinton's softened cross-entropy: the mean over rows of -sum_c softmax(teacher/T)_c log softmax(student/T)_c,
+    with no T² factor (LwF's, iCaRL's softmax option's, BiC's and WA's L_KD, as their papers, FACIL and PyCIL write
+    it; the KL of `distillation` plus the teacher's entropy, so the same gradient up to T²)."""
     log_s = F.log_softmax(student_old.float() / T, dim=1)
     p_t = F.softmax(teacher.float() / T, dim=1)
     return -(p_t * log_s).sum(1).mean()
@@ -159,3 +159,13 @@ def task_cross_entropy(logits: torch.Tensor, batch: Batch, offset: int,
     if bool((y < 0).any()):
         raise ValueError("task_cross_entropy: a row of an old class has no target among the current task's classes")
     return F.cross_entropy(logits[:, offset:], y)
+
+
+def grouped_distillation(student: torch.Tensor, teacher: torch.Tensor, bounds: list[int],
+                         T: float = 2.0) -> torch.Tensor:
+    """E2E's cross-distillation: `soft_distillation` within each group of columns [bounds[g], bounds[g + 1]) (one
+    per task's head), summed over the groups; the softmax of each group is its own."""
+    total = student.new_zeros((), dtype=torch.float32)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        total = total + soft_distillation(student[:, a:b], teacher[:, a:b], T)
+    return total

@@ -5,7 +5,7 @@ Per task t >= 1, the frozen copy of the model taken before the new head is added
 batch is
     CE(logits over the task's own classes, y - offset)  +  lamb * KD_T(student's old-class logits, teacher's)
 with KD_T = -mean_i sum_c softmax(teacher/T)_c log softmax(student/T)_c over all old classes at once
-(`losses.kd_cross_entropy`), T = 2 and lamb = 1 (the paper's values; FACIL's defaults). `ce_scope: all` puts the
+(`losses.soft_distillation`), T = 2 and lamb = 1 (the paper's values; FACIL's defaults). `ce_scope: all` puts the
 cross-entropy over every seen class instead; `freeze_old_heads` keeps the old classifiers out of the optimiser
 (FACIL's choice when it has no exemplars).
 """
@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError
 from .base import MethodOptions, register_method
 from .finetune import Finetune
-from .losses import kd_cross_entropy, task_cross_entropy
+from .losses import soft_distillation, task_cross_entropy
 
 
 @dataclass
@@ -67,7 +67,7 @@ class LwF(Finetune):
             return ce, logs
         with torch.no_grad():
             old = self.teacher(batch.x)
-        kd = kd_cross_entropy(logits[:, : task.offset], old, o.temperature)
+        kd = soft_distillation(logits[:, : task.offset], old, o.temperature)
         logs["kd"] = kd.detach()
         return ce + o.lamb * kd, logs
 
