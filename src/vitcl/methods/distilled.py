@@ -1,6 +1,8 @@
-"""The shape WA, BiC and E2E share: a backbone and a growing linear head over all seen classes (as finetune), a
-frozen teacher (the model as it was before the task's new classes were added) distilled at temperature T, and the
-first task's own milestones and weight decay, as the reference recipes train it (docs/methods/wa.md, bic.md, e2e.md)."""
+"""What the distillation baselines share. `WithTeacher` (LwF, iCaRL, and the others through `Distilled`): a backbone
+and a growing linear head over all seen classes (as finetune) and a frozen teacher, the model as it was before the
+task's new classes were added (t >= 1), kept in checkpoints. `Distilled` (WA, BiC, E2E) adds the rehearsal memory,
+the distillation temperature and the first task's own milestones and weight decay, as the reference recipes train
+it (docs/methods/wa.md, bic.md, e2e.md)."""
 from __future__ import annotations
 
 import copy
@@ -28,12 +30,8 @@ class DistilledOptions(MethodOptions):
                               f"got {self.first_task_weight_decay}")
 
 
-class Distilled(Finetune):
-    """Finetune with a rehearsal memory and a teacher; subclasses give the loss and the post-hoc steps."""
-
-    uses_memory = True
-    settings = frozenset({"class-il", "task-il"})
-    opts: Any
+class WithTeacher(Finetune):
+    """Finetune with a frozen copy of the model taken at the start of every task t >= 1."""
 
     def __init__(self, cfg, scenario, device):
         self.teacher: nn.Module | None = None
@@ -43,6 +41,21 @@ class Distilled(Finetune):
         if task.index > 0:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         super().begin_task(task)
+
+    def extra_state(self) -> dict:
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state.get("teacher") is not None and self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+
+
+class Distilled(WithTeacher):
+    """WithTeacher and a rehearsal memory; subclasses give the loss and the post-hoc steps."""
+
+    uses_memory = True
+    settings = frozenset({"class-il", "task-il"})
+    opts: Any
 
     def train_phase(self, task, name: str = "train", data: PhaseData = "task+memory", **changes) -> Phase:
         """A phase of the `train` section; on the first task with its own milestones and weight decay."""
@@ -55,10 +68,3 @@ class Distilled(Finetune):
 
     def phases(self, task):
         return [self.train_phase(task)]
-
-    def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
-
-    def load_extra_state(self, state: dict) -> None:
-        if state.get("teacher") is not None and self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])

@@ -14,7 +14,6 @@ other is the extra scorer ("cnn" or "nme") in the results.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import MethodOptions, register_method
-from .finetune import Finetune
+from .distilled import WithTeacher
 from .losses import classification_loss, icarl_bce, soft_distillation
 from .nme import NMEScorer
 
@@ -43,14 +42,13 @@ class ICaRLOptions(MethodOptions):
 
 
 @register_method("icarl")
-class ICaRL(Finetune):
+class ICaRL(WithTeacher):
     Options = ICaRLOptions
     opts: ICaRLOptions
     uses_memory = True
     settings = frozenset({"class-il"})
 
     def __init__(self, cfg, scenario, device):
-        self.teacher: torch.nn.Module | None = None
         self.nme = NMEScorer()
         super().__init__(cfg, scenario, device)
 
@@ -64,11 +62,6 @@ class ICaRL(Finetune):
         if cfg.method.distillation == "bce" and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
             raise ConfigError("data.augment.mixup_alpha: icarl's bce distillation takes hard labels; turn MixUp/"
                               "CutMix off or use method.distillation=kd")
-
-    def begin_task(self, task):
-        if task.index > 0:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        super().begin_task(task)
 
     def loss(self, batch, phase, task):
         logits = self.model(batch.x)
@@ -100,10 +93,8 @@ class ICaRL(Finetune):
         return scores.pop(main), scores
 
     def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None,
-                "nme": self.nme.state_dict()}
+        return {**super().extra_state(), "nme": self.nme.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        if state.get("teacher") is not None and self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
+        super().load_extra_state(state)
         self.nme.load_state_dict(state.get("nme", {}), self.device)

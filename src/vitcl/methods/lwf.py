@@ -11,7 +11,6 @@ cross-entropy over every seen class instead; `freeze_old_heads` keeps the old cl
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import MethodOptions, register_method
-from .finetune import Finetune
+from .distilled import WithTeacher
 from .losses import soft_distillation, task_cross_entropy
 
 
@@ -38,19 +37,10 @@ class LwFOptions(MethodOptions):
 
 
 @register_method("lwf")
-class LwF(Finetune):
+class LwF(WithTeacher):
     Options = LwFOptions
     opts: LwFOptions
     settings = frozenset({"class-il"})
-
-    def __init__(self, cfg, scenario, device):
-        self.teacher: torch.nn.Module | None = None
-        super().__init__(cfg, scenario, device)
-
-    def begin_task(self, task):
-        if task.index > 0:
-            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        super().begin_task(task)
 
     def setup_phase(self, phase, task):
         super().setup_phase(phase, task)
@@ -70,10 +60,3 @@ class LwF(Finetune):
         kd = soft_distillation(logits[:, : task.offset], old, o.temperature)
         logs["kd"] = kd.detach()
         return ce + o.lamb * kd, logs
-
-    def extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
-
-    def load_extra_state(self, state: dict) -> None:
-        if state.get("teacher") is not None and self.teacher is not None:
-            self.teacher.load_state_dict(state["teacher"])
