@@ -15,7 +15,9 @@ TINY = {"embed_dim": 48, "patch_size": 8}  # 12 heads kept: LPSA's 3 x 3 local k
 
 
 def without(cfg, *model_keys):
+    """The config without the given model keys and without the published cell (each preset names its own)."""
     d = cfg.to_dict()
+    d.pop("published")
     for k in model_keys:
         d["model"].pop(k)
     return d
