@@ -56,3 +56,22 @@ def stored_distillation(logits: torch.Tensor, stored: torch.Tensor, width: torch
     log_p, log_q = F.log_softmax(z, dim=1), F.log_softmax(a, dim=1)
     kl = (log_p.exp() * (log_p - log_q)).masked_fill(~valid[:, :n], 0.0).sum(1)
     return kl.mean() * T * T
+
+
+def less_forget(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """UCIR's less-forget constraint: the mean over rows of 1 - cos(f_new(x), f_old(x)) (docs/methods/ucir.md)."""
+    return (1 - F.cosine_similarity(features.float(), old_features.float(), dim=1, eps=1e-8)).mean()
+
+
+def hard_negative_margin_ranking(cosines: torch.Tensor, y: torch.Tensor, n_old: int, k: int,
+                                 margin: float) -> torch.Tensor:
+    """UCIR's inter-class separation: for each row of an old class (y < n_old), its own class's cosine against
+    the k highest cosines among the new classes (columns n_old:), mean over those rows and k of
+    max(0, margin - cos_own + cos_hard); zero when the batch has no old-class row."""
+    rows = y < n_old
+    if not bool(rows.any()):
+        return cosines.sum() * 0.0
+    c = cosines[rows].float()
+    own = c.gather(1, y[rows][:, None])
+    hard = c[:, n_old:].topk(min(k, c.shape[1] - n_old), dim=1).values
+    return (margin - own + hard).clamp(min=0).mean()
