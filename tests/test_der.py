@@ -205,7 +205,8 @@ def test_bad_options_are_config_errors():
 
 
 def test_tiny_run_through_the_cli(tmp_path):
-    rc = main(["run", *BASE, *TINY_RESNET, "train.epochs=3", "train.batch_size=64", "method.retrain_epochs=2",
+    rc = main(["run", *BASE, *TINY_RESNET, "data.train_per_class=30", "data.test_per_class=15",
+               "train.epochs=4", "train.batch_size=32", "method.retrain_epochs=2",
                "memory.size=60", f"run.out_dir={tmp_path}", "run.name=r", "-q"])
     assert rc == 0
     res = json.loads((tmp_path / "r" / "results.json").read_text())

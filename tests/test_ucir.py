@@ -180,7 +180,8 @@ def test_bad_options_are_config_errors():
 
 
 def test_tiny_run_through_the_cli(tmp_path):
-    rc = main(["run", *BASE, "train.epochs=3", "train.batch_size=64", "method.cbf_epochs=1",
+    rc = main(["run", *BASE, "data.train_per_class=30", "data.test_per_class=15",
+               "train.epochs=4", "train.batch_size=32", "method.cbf_epochs=1",
                f"run.out_dir={tmp_path}", "run.name=r", "-q"])
     assert rc == 0
     res = json.loads((tmp_path / "r" / "results.json").read_text())
