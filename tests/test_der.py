@@ -15,6 +15,8 @@ from vitcl.runconfig import load_config
 
 TINY_RESNET = ["model.width=4"]
 TINY_VIT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
+TINY_CONVIT = ["model.name=convit", "model.patch_size=4", "model.embed_dim=16", "model.num_heads=2", "model.depth=2",
+               "model.local_up_to_layer=1"]
 BASE = ["der/digits-b0inc2", "data.class_order=null", "data.increment=[4,3,3]", "data.augment.crop_padding=0"]
 
 
@@ -162,11 +164,21 @@ def test_copy_old_classifier_init():
     torch.testing.assert_close(m.model.fc.bias[:4], b)
 
 
-def test_der_on_a_vit():
-    m = make(model=TINY_VIT)
-    for t in (0, 1):
-        m.begin_task(m.scenario[t])
-        logs = step(m, t)
+@pytest.mark.parametrize("model", [TINY_VIT, TINY_CONVIT], ids=["vit", "convit"])
+def test_der_on_transformers(model):
+    """One backbone per task: the old transformer frozen, its output unchanged by the next task's steps."""
+    m = make(model=model)
+    m.begin_task(m.scenario[0])
+    step(m, 0)
+    x = batch_of(m, 0).x
+    m.model.eval()
+    with torch.no_grad():
+        before = m.model.extractors[0](x)
+    m.begin_task(m.scenario[1])
+    logs = step(m, 1)
+    m.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m.model.extractors[0](x), before, rtol=0, atol=0)
     assert len(m.model.extractors) == 2 and m.model.fc.weight.shape == (7, 32)
     assert torch.isfinite(logs["aux"])
     with torch.no_grad():
