@@ -222,7 +222,8 @@ def test_every_der_preset_builds():
 def test_bad_options_are_config_errors():
     from vitcl.errors import ConfigError
 
-    for bad in ("method.retrain_temperature=0", "method.aux_weight=-1", "method.classifier_stage=prune"):
+    for bad in ("method.retrain_temperature=0", "method.aux_weight=-1", "method.classifier_stage=prune",
+                "data.augment.mixup_alpha=0.8"):
         with pytest.raises(ConfigError):
             load_config([BASE[0]], [bad])
 

@@ -185,7 +185,7 @@ def test_every_ucir_preset_builds():
 
 
 def test_bad_options_are_config_errors():
-    for bad in ("method.k=0", "method.margin=-1", "method.sigma_init=0"):
+    for bad in ("method.k=0", "method.margin=-1", "method.sigma_init=0", "data.augment.cutmix_alpha=1.0"):
         with pytest.raises(ConfigError):
             load_config([BASE[0]], [bad])
 

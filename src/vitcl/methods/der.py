@@ -109,6 +109,14 @@ class DER(Method[DEROptions]):
         self.reset_for = -1  # the task whose classifier the retraining phase has re-initialised (resume-safe)
         super().__init__(cfg, scenario, device)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        a = cfg.data.augment
+        if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+            raise ConfigError(f"data.augment.mixup_alpha: {cls.name} trains on hard labels; set mixup_alpha and "
+                              "cutmix_alpha to 0")
+
     def build_model(self) -> nn.Module:
         s = self.scenario.train
         return DERNet(lambda: create_backbone(self.cfg.model, s.image_size, s.channels), self.opts.bias)

@@ -117,6 +117,14 @@ class UCIR(Method[UCIROptions]):
         self.pending: torch.Tensor | None = None  # imprinted weights for the next task, computed at this task's end
         super().__init__(cfg, scenario, device)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        a = cfg.data.augment
+        if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+            raise ConfigError(f"data.augment.mixup_alpha: {cls.name} trains on hard labels; set mixup_alpha and "
+                              "cutmix_alpha to 0")
+
     def build_model(self) -> nn.Module:
         s = self.scenario.train
         backbone = create_backbone(self.cfg.model, s.image_size, s.channels)
