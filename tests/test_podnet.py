@@ -372,6 +372,8 @@ def test_tiny_run_through_the_cli(tmp_path):
     assert len(acc) == 3
     assert acc[0][0] > 50  # 4 classes: chance is 25
     assert res["class_il"]["avg_incremental"] > 30  # 10 classes at the end: chance is 10
+    nme = res["extra"]["nme"]["class_il"]  # the NME row, from the same evaluation pass
+    assert len(nme["acc_matrix"]) == 3 and nme["avg_incremental"] > 30
 
 
 @pytest.mark.parametrize("model", [[], ["model.name=resnet32", "model.width=4", "method.split_last_block=true"]])

@@ -1,6 +1,7 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
 from . import (  # noqa: F401  (registration)
     bic,
+    der,
     dytox,
     e2e,
     ewc,
@@ -17,6 +18,7 @@ from . import (  # noqa: F401  (registration)
     replay,
     rkr,
     single,
+    ucir,
     wa,
 )
 from .base import METHODS, Batch, Method, MethodOptions, ParamCount, Phase, register_method

@@ -169,3 +169,22 @@ def grouped_distillation(student: torch.Tensor, teacher: torch.Tensor, bounds: l
     for a, b in zip(bounds[:-1], bounds[1:]):
         total = total + soft_distillation(student[:, a:b], teacher[:, a:b], T)
     return total
+
+
+def less_forget(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """UCIR's less-forget constraint: the mean over rows of 1 - cos(f_new(x), f_old(x)) (docs/methods/ucir.md)."""
+    return (1 - F.cosine_similarity(features.float(), old_features.float(), dim=1, eps=1e-8)).mean()
+
+
+def hard_negative_margin_ranking(cosines: torch.Tensor, y: torch.Tensor, n_old: int, k: int,
+                                 margin: float) -> torch.Tensor:
+    """UCIR's inter-class separation: for each row of an old class (y < n_old), its own class's cosine against
+    the k highest cosines among the new classes (columns n_old:), mean over those rows and k of
+    max(0, margin - cos_own + cos_hard); zero when the batch has no old-class row."""
+    rows = y < n_old
+    if not bool(rows.any()):
+        return cosines.sum() * 0.0
+    c = cosines[rows].float()
+    own = c.gather(1, y[rows][:, None])
+    hard = c[:, n_old:].topk(min(k, c.shape[1] - n_old), dim=1).values
+    return (margin - own + hard).clamp(min=0).mean()

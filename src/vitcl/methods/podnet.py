@@ -29,6 +29,7 @@ from ..models import MODELS, create_backbone
 from ..models.resnet import ResNet
 from .base import Method, MethodOptions, Phase, register_method
 from .losses import local_similarity, nca_margin_loss, pod_flat, pod_spatial
+from .nme import NMEScorer
 
 
 class LocalSimilarityClassifier(nn.Module):
@@ -113,6 +114,7 @@ class PODNet(Method[PODNetOptions]):
     def __init__(self, cfg, scenario, device):
         self.teacher: PODNetNet | None = None
         self.pending: torch.Tensor | None = None  # the next task's proxies, imprinted after this task
+        self.nme = NMEScorer()  # the paper's NME row, beside the LSC's (CNN) scores
         super().__init__(cfg, scenario, device)
 
     @classmethod
@@ -158,10 +160,19 @@ class PODNet(Method[PODNetOptions]):
         self.pending = None
         self._clamp_grad(clf.add(weights.to(self.device)))
 
+    def extra_scorers(self) -> tuple[str, ...]:
+        return ("nme",)
+
+    def scores(self, x):
+        h = self.model.stages(x)[1]
+        return self.model.classifier(h), {"nme": self.nme(h, self.seen)}
+
     def consolidate(self, task, ctx):
-        """Imprint the next task's proxies with the network as it enters that task (nothing changes it between
-        here and begin_task): k-means of each new class's normalised features, centres times the mean norm of
-        the proxies so far."""
+        """The class means of the memory for NME scoring; then imprint the next task's proxies with the network as
+        it enters that task (nothing changes it between here and begin_task): k-means of each new class's
+        normalised features, centres times the mean norm of the proxies so far."""
+        rows = self.memory.indices()
+        self.nme.update(ctx, rows, self.scenario.train_labels[rows], self.embed, self.seen, True)
         nxt = task.index + 1
         if nxt >= len(self.scenario) or self.opts.proxy_init != "kmeans":
             return
@@ -234,9 +245,10 @@ class PODNet(Method[PODNetOptions]):
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:
         return {"teacher": self.teacher.state_dict() if self.teacher is not None else None,
-                "pending": self.pending}
+                "pending": self.pending, "nme": self.nme.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         if state.get("teacher") is not None and self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         self.pending = state.get("pending")
+        self.nme.load_state_dict(state.get("nme", {}), self.device)

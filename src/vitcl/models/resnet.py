@@ -36,13 +36,15 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes, affine=bn_affine)
         self.relu = nn.ReLU(inplace=True)
+        self.out_relu = True  # False on the last block of a ResNet built with last_relu=False
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = PadShortcut(planes, stride) if shortcut == "pad" else nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes, affine=bn_affine))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.forward_preact(x))
+        out = self.forward_preact(x)
+        return self.relu(out) if self.out_relu else out
 
     def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output before its final ReLU (residual sum)."""
@@ -55,10 +57,11 @@ class ResNet(nn.Module):
     """Layout names follow torchvision (conv1, bn1, layer1..4) so its state dicts load by key.
 
     bn_affine=False drops BatchNorm's scale and shift (the RKR / Mask-RKR ResNets: their parameter counts, 11.17M
-    for ResNet-18, have none); running statistics stay."""
+    for ResNet-18, have none); running statistics stay. last_relu=False leaves the last block's output without its
+    ReLU (UCIR's and PODNet's feature extractors: features of both signs for a cosine classifier)."""
 
     def __init__(self, blocks: list[int], widths: list[int], in_chans: int = 3, stem: Stem = "cifar",
-                 shortcut: str = "conv", bn_affine: bool = True):
+                 shortcut: str = "conv", bn_affine: bool = True, last_relu: bool = True):
         super().__init__()
         if stem not in get_args(Stem):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
@@ -76,7 +79,9 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(n):
-                stage.append(BasicBlock(in_planes, w, stride if j == 0 else 1, shortcut, bn_affine))
+                block = BasicBlock(in_planes, w, stride if j == 0 else 1, shortcut, bn_affine)
+                block.out_relu = last_relu or not (i == len(blocks) - 1 and j == n - 1)
+                stage.append(block)
                 in_planes = w
             layers.append(nn.Sequential(*stage))
         for i, layer in enumerate(layers):
@@ -113,7 +118,7 @@ class ResNet(nn.Module):
                     if split_last_block and j > 0:
                         outs.append(x)
                     x = block.forward_preact(x)
-                    if last_relu:
+                    if last_relu and block.out_relu:
                         x = self.relu(x)
                 else:
                     x = block(x)
@@ -138,6 +143,7 @@ class ResNet18Options:
     stem: Stem = "cifar"
     width: int = 64
     bn_affine: bool = True  # false: BatchNorm without scale/shift (the RKR papers' ResNets)
+    last_relu: bool = True  # false: no ReLU on the last block's output (UCIR)
     pretrained: str | None = None  # a local torchvision/timm state dict (see models/pretrained.py)
 
 
@@ -146,6 +152,7 @@ class ResNet32Options:
     name: str = "resnet32"
     width: int = 16
     bn_affine: bool = True
+    last_relu: bool = True
     pretrained: str | None = None
 
 
@@ -158,7 +165,8 @@ class ResNet18(ResNet):
     @classmethod
     def from_options(cls, opts: ResNet18Options, img_size: int, in_chans: int) -> ResNet18:
         w = opts.width
-        return cls([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, bn_affine=opts.bn_affine)
+        return cls([2, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w], in_chans, opts.stem, bn_affine=opts.bn_affine,
+                   last_relu=opts.last_relu)
 
 
 @register_model("resnet32")
@@ -168,4 +176,5 @@ class ResNet32(ResNet):
     @classmethod
     def from_options(cls, opts: ResNet32Options, img_size: int, in_chans: int) -> ResNet32:
         w = opts.width
-        return cls([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad", bn_affine=opts.bn_affine)
+        return cls([5, 5, 5], [w, 2 * w, 4 * w], in_chans, "cifar", shortcut="pad", bn_affine=opts.bn_affine,
+                   last_relu=opts.last_relu)
