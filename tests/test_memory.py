@@ -121,3 +121,13 @@ def test_herding_matches_the_reference_with_many_picks_in_float32():
     classes = torch.zeros(120, dtype=torch.long)
     (rows,) = HerdingSelector().select(feats, classes, k=70)
     assert rows.tolist() == herding_reference(feats.double(), 70)
+
+
+def test_herding_of_features_far_from_the_origin_keeps_float32_exact():
+    """Features that share a large common part (as trained embeddings do): the running sums of the expansion
+    would cancel in float32 unless centred on the class mean; the picks are those of the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(300, 32, generator=g) * 0.02 + 1.0  # the uncentred expansion departs at this spread
+    classes = torch.zeros(300, dtype=torch.long)
+    (rows,) = HerdingSelector().select(feats, classes, k=200)
+    assert rows.tolist() == herding_reference(feats.double(), 200)

@@ -154,16 +154,20 @@ def class_groups(C: int, n: int, itemsize: int = 4) -> list[slice]:
 
 
 class GramRows:
-    """Dot products among a group of classes' candidates, from one (C, n, n) Gram matrix (one matrix product):
-    `row(best)` gives <x_best[c], x_i> (C, n) for one pick per class, `mean_dot` <mu_c, x_i> and `sq` ||x_i||^2
-    (C, n); padded rows are zero."""
+    """Dot products among a group of classes' candidates, centred on their class mean mu_c, from one (C, n, n) Gram
+    matrix (one matrix product): `row(best)` gives <x_best - mu, x_i - mu> (C, n) for one pick per class, `sq`
+    ||x_i - mu||^2 and `mean_dot` <mu, x_i> (C, n); padded rows are zero. Centring keeps every running sum that
+    herding builds from these rows small (herding holds the mean of its picks near mu), so float32 loses nothing
+    to cancellation."""
 
     def __init__(self, feats: torch.Tensor, valid: torch.Tensor):
-        x = feats * valid[..., None]
+        mask = valid[..., None]
+        mu = (feats * mask).sum(1) / valid.sum(1).clamp(min=1)[:, None]
+        centred = (feats - mu[:, None, :]) * mask
         self.arange = torch.arange(feats.shape[0], device=feats.device)
-        self.gram = torch.bmm(x, x.transpose(1, 2))
-        self.mean_dot = self.gram.sum(1) / valid.sum(1).clamp(min=1)[:, None]  # <mu, x_i> = sum_j <x_j, x_i> / n
+        self.gram = torch.bmm(centred, centred.transpose(1, 2))
         self.sq = self.gram.diagonal(dim1=1, dim2=2)
+        self.mean_dot = torch.bmm(feats * mask, mu[:, :, None]).squeeze(2)
 
     def row(self, best: torch.Tensor) -> torch.Tensor:
         return self.gram[self.arange, best]
@@ -173,10 +177,10 @@ def herding(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[torch.Tens
     """feats (C, n, d), valid (C, n). Step j picks, per class, the unpicked sample whose addition brings the
     running mean of picks closest to the class mean. Returns per class the picked positions in order.
 
-    With s the sum of the j picks so far, ||mu - (s + x) / (j + 1)||^2 is, up to terms without x and the factor
-    1 / (j + 1)^2, ||x||^2 + 2 <s, x> - 2 (j + 1) <mu, x>: every step needs only <s, x>, which grows by the
-    Gram matrix's row of the pick (`GramRows`): O(n) per step after one (n, n) matrix product per class, instead of
-    building (n, d) candidate means at every step."""
+    With s' the sum of the j picks so far minus j mu, ||mu - (picks + x) / (j + 1)|| is ||s' + x - mu|| / (j + 1),
+    whose square is, up to a term without x, ||x - mu||^2 + 2 <s', x - mu>: every step needs only <s', x - mu>,
+    which grows by the centred Gram matrix's row of the pick (`GramRows`): O(n) per step after one (n, n) matrix
+    product per class, instead of building (n, d) candidate means at every step."""
     C, n, _ = feats.shape
     out: list[torch.Tensor] = []
     for group in class_groups(C, n):
@@ -188,13 +192,13 @@ def _herding_group(feats: torch.Tensor, valid: torch.Tensor, k: int) -> list[tor
     C, n, _ = feats.shape
     steps = min(k, n)
     dots = GramRows(feats, valid)
-    mean_dot, sq = dots.mean_dot, dots.sq
-    sum_dot = torch.zeros_like(mean_dot)  # <s, x_i>
+    sq = dots.sq
+    sum_dot = torch.zeros_like(sq)  # <s', x_i - mu>
     available = valid.clone()
     arange = torch.arange(C, device=feats.device)
     picks = torch.full((C, steps), -1, dtype=torch.long, device=feats.device)
     for j in range(steps):
-        score = (sq + 2 * sum_dot - 2 * (j + 1) * mean_dot).masked_fill(~available, float("inf"))
+        score = (sq + 2 * sum_dot).masked_fill(~available, float("inf"))
         best = score.argmin(1)
         live = available.any(1)
         picks[:, j] = torch.where(live, best, torch.full_like(best, -1))
@@ -210,8 +214,8 @@ def herding_with_replacement(feats: torch.Tensor, valid: torch.Tensor, k: int,
     are picked or `max_steps` steps ran. Returns per class the distinct picks in first-pick order, completed
     with unpicked samples in candidate order up to min(k, n_c).
 
-    After s steps w = (s + 1) mu - (sum of the picks), so <w, x> = (s + 1) <mu, x> - <picks, x>: the same Gram
-    matrix expansion as `herding`."""
+    After s steps w = mu - s', s' the sum of the picks minus s mu, so <w, x> is <mu, x> - <s', x - mu> up to a
+    term without x: the same centred Gram matrix expansion as `herding`."""
     C, n, _ = feats.shape
     out: list[torch.Tensor] = []
     for group in class_groups(C, n):
@@ -226,8 +230,7 @@ def _herding_with_replacement_group(feats: torch.Tensor, valid: torch.Tensor, k:
     mean_dot = dots.mean_dot
     counts = valid.sum(1)
     target = counts.clamp(max=k)
-    picked_dot = torch.zeros_like(mean_dot)  # <sum of the picks, x_i>
-    steps = torch.zeros(C, dtype=torch.long, device=feats.device)  # steps taken per class (active ones step)
+    picked_dot = torch.zeros_like(mean_dot)  # <s', x_i - mu>
     never = n + 1  # first-pick step of a sample never picked
     first = torch.full((C, n), never, dtype=torch.long, device=feats.device)
     n_picked = torch.zeros(C, dtype=torch.long, device=feats.device)
@@ -236,13 +239,12 @@ def _herding_with_replacement_group(feats: torch.Tensor, valid: torch.Tensor, k:
         active = n_picked < target
         if not bool(active.any()):
             break
-        score = ((steps + 1)[:, None] * mean_dot - picked_dot).masked_fill(~valid, float("-inf"))
+        score = (mean_dot - picked_dot).masked_fill(~valid, float("-inf"))
         best = score.argmax(1)
         new = active & (first[arange, best] == never)
         first[arange[new], best[new]] = n_picked[new]
         n_picked = n_picked + new.long()
         picked_dot += dots.row(best) * active[:, None]
-        steps = steps + active.long()
     key = first.masked_fill(~valid, never + 1)
     order = torch.sort(key, dim=1, stable=True).indices
     return [order[c, : int(target[c])].cpu() for c in range(C)]
