@@ -195,3 +195,22 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
 def test_bf16_autocast_run(tmp_path):
     res = make_trainer(tmp_path / "r", "run.precision=bf16", "data.increment=5", "train.epochs=1").fit()
     assert res["tasks_done"] == 2 and all(math.isfinite(a) for a in res["class_il"]["seen_acc"])
+
+
+def test_the_loss_is_read_on_the_host_once_per_epoch_of_few_steps(tmp_path, monkeypatch):
+    """Steps leave their loss on the device; the NaN check reads it every CHECK_EVERY steps and at the epoch's
+    end, so an epoch of fewer steps is read once."""
+    from vitcl.engine import trainer as trainer_module
+
+    trainer = make_trainer(tmp_path / "r")
+    reads = []
+    check = trainer_module.Trainer.check_finite
+
+    def counted(self, loss_sum, task, phase, epoch):
+        reads.append((task.index, phase.name, epoch))
+        check(self, loss_sum, task, phase, epoch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "check_finite", counted)
+    monkeypatch.setattr(trainer_module, "CHECK_EVERY", 10**6)
+    trainer.fit()
+    assert reads and len(reads) == len(set(reads))

@@ -82,3 +82,15 @@ def test_stored_distillation_matches_its_formula():
     want = sum(_kl_loop(stored[i, :w].tolist(), logits[i, :w].tolist(), T) * T * T
                for i, w in enumerate(width.tolist())) / 4
     assert stored_distillation(logits, stored, width, T).item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batchmean"])
+def test_masked_distillation_is_the_distillation_of_the_selected_rows(reduction):
+    from vitcl.methods.losses import distillation, masked_distillation
+
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    rows = torch.tensor([True, False, True, True, False, False])
+    got = masked_distillation(s, t, rows, 2.0, reduction)
+    assert got.item() == pytest.approx(distillation(s[rows], t[rows], 2.0, reduction).item(), rel=1e-6)
+    assert masked_distillation(s, t, torch.zeros(6, dtype=torch.bool), 2.0, reduction).item() == 0.0

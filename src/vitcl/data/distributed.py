@@ -39,26 +39,27 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = None) -> float:
+def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
     """Average .grad over ranks in one flat bucket (methods may run several forwards, so no DDP wrapper);
-    `extra` (a scalar, e.g. the step loss) rides along and is returned averaged. Missing grads count as 0."""
-    extra = torch.zeros((), dtype=torch.float64) if extra is None else extra.detach().double().cpu()
+    `extra` (a scalar, e.g. the step loss) rides along and is returned averaged, as a tensor on its device (no
+    host synchronisation). Missing grads count as 0."""
+    device = params[0].device if params else torch.device("cpu")
+    extra = torch.zeros((), device=device) if extra is None else extra.detach().float()
     if not dist.is_initialized():
-        return float(extra)
+        return extra
     grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
-    device = params[0].device if params else torch.device("cpu")
-    flat = torch.cat([g.flatten().float() for g in grads] + [extra.float().view(1).to(device)])
+    flat = torch.cat([g.flatten().float() for g in grads] + [extra.view(1).to(device)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     offset = 0
     for g in grads:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))
         offset += g.numel()
-    return float(flat[-1])
+    return flat[-1]
 
 
 def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:

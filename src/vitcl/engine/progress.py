@@ -28,7 +28,8 @@ class Progress:
         """The loss shown is the mean over the current epoch's steps."""
         self.loss_sum, self.loss_n = 0.0, 0
 
-    def step(self, n_images: int, loss: float | None, epoch_label: str):
+    def step(self, n_images: int, loss, epoch_label: str):
+        """`loss`: a float or a tensor (kept on its device and summed there; read only when a line is drawn)."""
         self.done += 1
         self.images += n_images
         if loss is not None:
@@ -45,7 +46,7 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(self.done, 1) * (self.total - self.done)
-        loss = f"{self.loss_sum / max(self.loss_n, 1):.4f}" if self.loss_n else "-"
+        loss = f"{float(self.loss_sum) / max(self.loss_n, 1):.4f}" if self.loss_n else "-"
         line = (f"{self.label} · {epoch_label} · loss {loss} · {self.throughput:,.0f} img/s · "
                 f"ETA {fmt_time(eta)}")
         self.stream.write("\r\033[K" + line + end if self.tty else line + end)

@@ -90,6 +90,9 @@ class RankContext:
         raise TypeError("a rank's context fills its own bank only")
 
 
+CHECK_EVERY = 50  # training steps between two reads of the loss on the host (the NaN check)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, progress: bool = True):
         self.cfg, self.run_dir = cfg, run_dir
@@ -395,7 +398,8 @@ class Trainer:
             side = ([(self.rank, memory.indices())] if not isinstance(memory, RankedMemory) else
                     [(r, memory.banks[r].indices()) for r in memory.local])
             side = side if len(side[0][1]) else None
-        loss_sum, n_steps = 0.0, 0
+        loss_sum: torch.Tensor | float = 0.0
+        n_steps = 0
         # random-resized crops: each image's draw from (the epoch's seed, its position in the epoch)
         crop_seed = stable_seed(cfg.run.seed, task.index, p, epoch, "crop")
         for step, (share, size, positions) in enumerate(self.epoch_steps(task, p, phase, epoch, indices)):
@@ -405,7 +409,7 @@ class Trainer:
                                                (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
             side_seed = stable_seed(cfg.run.seed, task.index, p, epoch, step, self.rank, "memory-batch-crop")
             optimizer.zero_grad(set_to_none=True)
-            shares = torch.zeros((), dtype=torch.float64)  # this rank's share of the step's loss
+            shares = torch.zeros((), device=self.device)  # this rank's share of the step's loss
             for k, ((x_u8, idx), mrows) in enumerate(zip(self.train_stream(rows, train=True, keys=keys), side_rows)):
                 batch = self.make_batch(x_u8, idx, memory_rows)
                 if mrows is not None and len(mrows):
@@ -416,18 +420,27 @@ class Trainer:
                 with self.autocast():
                     loss, logs = self.method.loss(batch, phase, task)
                 (loss * (len(idx) * self.world / size)).backward()
-                shares += loss.detach().double().cpu() * len(idx) / size
+                shares += loss.detach().float() * (len(idx) / size)
+            # the step's loss stays on the device: it is read (and checked) every CHECK_EVERY steps and at the
+            # epoch's end, before any checkpoint, not at every step
             step_loss = dist.average_gradients(params, extra=shares * self.world)  # sum of shares
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"task {task.index} '{phase.name}' epoch {epoch + 1}: the loss is {step_loss}; "
-                                    f"stopped, the last checkpoint is {self.ckpt_dir / 'last.pt'}")
             if phase.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
             optimizer.step()
             loss_sum, n_steps = loss_sum + step_loss, n_steps + 1
             self.progress.step(size, step_loss, f"epoch {epoch + 1}/{phase.epochs}")
             self.state.task_images += size
-        return loss_sum / max(n_steps, 1)
+            if n_steps % CHECK_EVERY == 0:
+                self.check_finite(loss_sum, task, phase, epoch)
+        self.check_finite(loss_sum, task, phase, epoch)
+        return float(loss_sum) / max(n_steps, 1)
+
+    def check_finite(self, loss_sum: torch.Tensor | float, task, phase: Phase, epoch: int) -> None:
+        """Stop on a NaN or infinite loss (the sum of the epoch's step losses so far: one host read)."""
+        value = float(loss_sum)
+        if not math.isfinite(value):
+            raise TrainingError(f"task {task.index} '{phase.name}' epoch {epoch + 1}: the loss is {value}; "
+                                f"stopped, the last checkpoint is {self.ckpt_dir / 'last.pt'}")
 
     def memory_batch_rows(self, memory: torch.Tensor | list[tuple[int, torch.Tensor]] | None, size: int,
                           n_micro: int, seed_parts) -> list:

@@ -46,7 +46,7 @@ from ..models import MODELS, create_backbone
 from ..models.convit import ConViT
 from ..models.dytox import DyToxNet
 from .base import Batch, Method, MethodOptions, Phase, register_method
-from .losses import distillation, soft_cross_entropy
+from .losses import distillation, masked_distillation, soft_cross_entropy
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -190,13 +190,16 @@ class DyTox(Method[DyToxOptions]):
             lam = n_old / logits.shape[1]
             with torch.no_grad():
                 old = self.teacher(batch.x)
-            rows = batch.task < task.index if o.kd_samples == "memory" else None
-            if rows is None or bool(rows.any()):
-                s, t = (logits, old) if rows is None else (logits[rows], old[rows])
-                kd = distillation(s[:, :n_old], t, o.distillation_tau, o.kd_reduction)
+            if o.kd_samples == "memory":
+                # only the memory's samples, masked rather than indexed (no host read); a batch without one
+                # keeps the classification loss alone, unweighted (LPA)
+                rows = batch.task < task.index
+                kd = masked_distillation(logits[:, :n_old], old, rows, o.distillation_tau, o.kd_reduction)
+                loss = torch.where(rows.any(), (1 - lam) * cls + lam * kd, cls)
+            else:
+                kd = distillation(logits[:, :n_old], old, o.distillation_tau, o.kd_reduction)
                 loss = (1 - lam) * cls + lam * kd
-                logs["kd"] = kd.detach()
-            # kd_samples=memory and no old sample in the batch: the classification loss alone, unweighted (LPA)
+            logs["kd"] = kd.detach()
         if phase.name == "train" and m.head_div is not None and o.divergence_weight > 0:
             div_logits = m.forward_div(emb)
             div = classification(div_logits, divergence_targets(batch, n_old, task.num_classes), o.classification)

@@ -45,6 +45,19 @@ def distillation(student_old: torch.Tensor, teacher: torch.Tensor, tau: float = 
     return total / (log_s.numel() if reduction == "mean" else log_s.shape[0]) * tau**2
 
 
+def masked_distillation(student_old: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, tau: float = 1.0,
+                        reduction: Literal["mean", "batchmean"] = "mean") -> torch.Tensor:
+    """`distillation` over the rows where `rows` (bool, (B,)) is true, computed on the whole batch with the others
+    weighted 0, so that no data-dependent branch (a host read) is needed: equal to
+    distillation(student_old[rows], teacher[rows]) when a row is selected, and 0 when none is."""
+    log_s = F.log_softmax(student_old.float() / tau, dim=1)
+    log_t = F.log_softmax(teacher.float() / tau, dim=1)
+    w = rows.float()
+    total = ((log_t.exp() * (log_t - log_s)).sum(1) * w).sum()
+    count = w.sum() * (log_s.shape[1] if reduction == "mean" else 1)
+    return total / count.clamp(min=1) * tau**2
+
+
 def stored_distillation(logits: torch.Tensor, stored: torch.Tensor, width: torch.Tensor, T: float) -> torch.Tensor:
     """T²·KL(softmax(z/T) ‖ softmax(logits/T)) per row over its first width[i] classes, averaged over rows: the
     distillation towards logits stored with memory rows when fewer classes had been seen (z padded to any width)."""
