@@ -159,6 +159,7 @@ class Method(Generic[O]):
     settings: ClassVar[frozenset[str]] = frozenset({"class-il", "task-il"})
     task_conditioned: ClassVar[bool] = False  # True: inference needs the task id (task-IL only)
     uses_memory: ClassVar[bool] = False
+    hard_labels: ClassVar[bool] = False  # True: the losses take hard labels, so MixUp/CutMix are refused
     opts: O
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -188,6 +189,10 @@ class Method(Generic[O]):
         if cfg.data.setting not in cls.settings:
             raise ConfigError(f"data.setting: method '{cfg.method.name}' supports {sorted(cls.settings)}, "
                               f"not '{cfg.data.setting}'")
+        a = cfg.data.augment
+        if cls.hard_labels and (a.mixup_alpha > 0 or a.cutmix_alpha > 0):
+            raise ConfigError(f"data.augment.mixup_alpha: {cfg.method.name} trains on hard labels; set mixup_alpha "
+                              "and cutmix_alpha to 0")
 
     # ------------------------------------------------------------------ to implement
     def build_model(self) -> nn.Module:

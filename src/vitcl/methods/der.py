@@ -103,19 +103,12 @@ class DEROptions(MethodOptions):
 class DER(Method[DEROptions]):
     model: DERNet
     uses_memory = True
+    hard_labels = True
     settings = frozenset({"class-il"})
 
     def __init__(self, cfg, scenario, device):
         self.reset_for = -1  # the task whose classifier the retraining phase has re-initialised (resume-safe)
         super().__init__(cfg, scenario, device)
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.data.augment
-        if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-            raise ConfigError(f"data.augment.mixup_alpha: {cls.name} trains on hard labels; set mixup_alpha and "
-                              "cutmix_alpha to 0")
 
     def build_model(self) -> nn.Module:
         s = self.scenario.train

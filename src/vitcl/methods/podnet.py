@@ -109,6 +109,7 @@ class PODNetOptions(MethodOptions):
 class PODNet(Method[PODNetOptions]):
     model: PODNetNet
     uses_memory = True
+    hard_labels = True
     settings = frozenset({"class-il"})
 
     def __init__(self, cfg, scenario, device):
@@ -124,10 +125,8 @@ class PODNet(Method[PODNetOptions]):
         if not (isinstance(model, type) and issubclass(model, ResNet)):
             raise ConfigError(f"model.name: podnet distils the stages of a ResNet ('resnet18' or 'resnet32'), "
                               f"got '{cfg.model.name}'")
-        a = cfg.data.augment
-        if a.mixup_alpha > 0 or a.cutmix_alpha > 0 or a.label_smoothing > 0:
-            raise ConfigError("data.augment: podnet's NCA loss takes hard labels; set mixup_alpha, cutmix_alpha "
-                              "and label_smoothing to 0")
+        if cfg.data.augment.label_smoothing > 0:
+            raise ConfigError("data.augment.label_smoothing: podnet's NCA loss takes hard labels; set it to 0")
 
     def build_model(self) -> nn.Module:
         o = self.opts

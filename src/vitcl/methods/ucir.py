@@ -111,6 +111,7 @@ class UCIROptions(MethodOptions):
 class UCIR(Method[UCIROptions]):
     model: CosineNet
     uses_memory = True
+    hard_labels = True
     settings = frozenset({"class-il"})
 
     def __init__(self, cfg, scenario, device):
@@ -118,14 +119,6 @@ class UCIR(Method[UCIROptions]):
         self.pending: torch.Tensor | None = None  # imprinted weights for the next task, computed at this task's end
         self.nme = NMEScorer()  # the paper's NME row, beside the cosine classifier's (CNN) scores
         super().__init__(cfg, scenario, device)
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        super().check(cfg)
-        a = cfg.data.augment
-        if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-            raise ConfigError(f"data.augment.mixup_alpha: {cls.name} trains on hard labels; set mixup_alpha and "
-                              "cutmix_alpha to 0")
 
     def build_model(self) -> nn.Module:
         s = self.scenario.train
