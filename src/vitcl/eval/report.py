@@ -197,8 +197,8 @@ def comparison_table(run_dirs: list[Path]) -> str:
     rows = ["| run | method | data | scenario | tasks | CIL avg | CIL last | CIL forg. | TIL avg | TIL last "
             "| TIL forg. | #P final | time (s) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for d in run_dirs:
-        r = load_results(d)
+    loaded = [(Path(d), load_results(d)) for d in run_dirs]
+    for d, r in loaded:
         cil, til = r.get("class_il") or {}, r.get("task_il") or {}
         secs = sum(t["seconds"] for t in r["tasks"])
         params = r.get("params", {}).get("final")
@@ -213,10 +213,9 @@ def comparison_table(run_dirs: list[Path]) -> str:
                         f"| {_fmt(til.get('forgetting'))} "
                         f"| {f'{params / 1e6:.2f}M' if params else '-'} | {secs:.0f} |")
     targets = []
-    for d in run_dirs:
-        r = load_results(d)
+    for d, r in loaded:
         for metric, value, got, diff in published_rows(r):
-            targets.append(f"| {Path(d).name} | {published_cell(r)} | {metric} | {_fmt(value)} | {_fmt(got)} "
+            targets.append(f"| {d.name} | {published_cell(r)} | {metric} | {_fmt(value)} | {_fmt(got)} "
                            f"| {_signed(diff)} |")
     if targets:
         rows += ["", "| run | published cell | metric | published | measured | difference |",
