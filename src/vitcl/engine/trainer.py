@@ -33,7 +33,7 @@ from ..eval.evaluator import evaluate
 from ..eval.locality import HeldoutBatch, analyse_task, heldout_batch, summarise
 from ..eval.report import build_results
 from ..methods import METHODS, Batch, Method, Phase
-from ..methods.base import TaskContext
+from ..methods.base import StepInfo, TaskContext
 from . import checkpoint
 from .optim import build_optimizer, lr_at, set_lr
 from .progress import Progress, fmt_time
@@ -404,14 +404,18 @@ class Trainer:
         crop_seed = stable_seed(cfg.run.seed, task.index, p, epoch, "crop")
         for step, (share, size, positions) in enumerate(self.epoch_steps(task, p, phase, epoch, indices)):
             rows = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
-            keys = [crop_keys(crop_seed, q) for q in positions.tensor_split(accum) if len(q)] if len(share) else []
+            parts = [q for q in positions.tensor_split(accum) if len(q)] if len(share) else []
+            keys = [crop_keys(crop_seed, q) for q in parts]
             side_rows = self.memory_batch_rows(side, phase.memory_batch, len(rows),
                                                (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
             side_seed = stable_seed(cfg.run.seed, task.index, p, epoch, step, self.rank, "memory-batch-crop")
             optimizer.zero_grad(set_to_none=True)
             shares = torch.zeros((), device=self.device)  # this rank's share of the step's loss
+            step_batches: list[Batch] = []
             for k, ((x_u8, idx), mrows) in enumerate(zip(self.train_stream(rows, train=True, keys=keys), side_rows)):
                 batch = self.make_batch(x_u8, idx, memory_rows)
+                batch.position = parts[k]
+                step_batches.append(batch)
                 if mrows is not None and len(mrows):
                     mkeys = [crop_keys(side_seed + k, torch.arange(len(mrows)))]
                     mx_u8, midx = next(iter(self.train_stream([mrows], train=True, keys=mkeys)))
@@ -424,9 +428,11 @@ class Trainer:
             # the step's loss stays on the device: it is read (and checked) every CHECK_EVERY steps and at the
             # epoch's end, before any checkpoint, not at every step
             step_loss = dist.average_gradients(params, extra=shares * self.world)  # sum of shares
+            self.method.before_step(step_batches, phase, task)  # gradient surgery (GEM's projection ...)
             if phase.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
             optimizer.step()
+            self.method.after_step(step_batches, phase, task, StepInfo(epoch, step, size))
             loss_sum, n_steps = loss_sum + step_loss, n_steps + 1
             self.progress.step(size, step_loss, f"epoch {epoch + 1}/{phase.epochs}")
             self.state.task_images += size

@@ -9,6 +9,8 @@ Lifecycle per task t (the engine calls, in order):
         phase_rows(phase, task, rows)  the rows of phase.data it trains on (a held-out split, a balanced subset)
         loss(batch, phase, task)    per batch -> (scalar loss, {name: tensor} to log; the engine decides when to
                                     read them, as each read is a host-device sync)
+        before_step(batches, ...)   per step, gradients ready: change them (GEM's projection)
+        after_step(batches, ...)    per step, after the optimiser: update a per-batch memory (reservoir)
     consolidate(task, ctx)      after the phases and the memory update: estimate what to protect (importance)
     end_task(task)
 Evaluation calls scores(x) (class-IL, all seen classes: by default logits(x) and no extra scorer) or
@@ -134,6 +136,17 @@ class Batch:
     soft: torch.Tensor | None = None  # MixUp/CutMix soft targets over the seen classes, when mixing is on
     from_memory: torch.Tensor | None = None  # bool mask: sample comes from the rehearsal memory
     memory: Batch | None = None  # a separate rehearsal batch, for phases with memory_batch > 0
+    # each row's place in the epoch's sequence of global batches (CPU; the same whatever the number of processes)
+    position: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a training step is: its 0-based epoch and step within the phase, and its global batch size."""
+
+    epoch: int
+    step: int
+    global_batch: int
 
 
 @dataclass
@@ -220,6 +233,14 @@ class Method(Generic[O]):
         logits = self.logits(batch.x)
         loss = classification_loss(logits, batch)
         return loss, {}
+
+    def before_step(self, batches: list[Batch], phase: Phase, task: Task) -> None:
+        """After the step's gradients are summed over micro-batches and averaged over ranks, before clipping and
+        the optimiser step: where a method changes the gradients (GEM's and A-GEM's projections)."""
+
+    def after_step(self, batches: list[Batch], phase: Phase, task: Task, step: StepInfo) -> None:
+        """After the optimiser step, with the step's micro-batches of this process (each with its rows'
+        `position`): where a memory updated per batch takes its rows (reservoir sampling)."""
 
     def logits(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         raise NotImplementedError
