@@ -27,6 +27,7 @@ from ..data.build import build_scenario
 from ..data.crops import crop_spec
 from ..data.memory import Memory, RankedMemory
 from ..data.stream import BatchStream, crop_keys, epoch_order, global_batches, rank_share
+from ..data.stream_memory import StreamMemory
 from ..errors import ConfigError, TrainingError
 from ..eval import jsonfile
 from ..eval.evaluator import evaluate
@@ -137,8 +138,9 @@ class Trainer:
         method's `phase_rows` narrows them."""
         return self.method.phase_rows(phase, task, self.data_rows(phase, task, memory))
 
-    def data_rows(self, phase: Phase, task, memory: Memory | RankedMemory | None = None) -> torch.Tensor:
-        memory = self.method.memory if memory is None else memory
+    def data_rows(self, phase: Phase, task,
+                  bank: Memory | RankedMemory | StreamMemory | None = None) -> torch.Tensor:
+        memory = self.method.memory if bank is None else bank
         if phase.data == "task":
             return task.train_idx
         if phase.data == "memory":
@@ -393,11 +395,14 @@ class Trainer:
         accum = cfg.train.grad_accum
         memory = self.method.memory
         memory_rows = memory.indices() if phase.data == "task+memory" else None
+        streaming = isinstance(memory, StreamMemory)  # filled while the phase trains: drawn from afresh each step
         side = None
-        if phase.memory_batch > 0:
+        if phase.memory_batch > 0 and not streaming:
             side = ([(self.rank, memory.indices())] if not isinstance(memory, RankedMemory) else
                     [(r, memory.banks[r].indices()) for r in memory.local])
             side = side if len(side[0][1]) else None
+        if isinstance(memory, StreamMemory):
+            memory.begin_epoch()
         loss_sum: torch.Tensor | float = 0.0
         n_steps = 0
         # random-resized crops: each image's draw from (the epoch's seed, its position in the epoch)
@@ -406,21 +411,22 @@ class Trainer:
             rows = [m for m in share.tensor_split(accum) if len(m)] if len(share) else []
             parts = [q for q in positions.tensor_split(accum) if len(q)] if len(share) else []
             keys = [crop_keys(crop_seed, q) for q in parts]
-            side_rows = self.memory_batch_rows(side, phase.memory_batch, len(rows),
-                                               (cfg.run.seed, task.index, p, epoch, step, "memory-batch"))
+            if streaming and phase.memory_batch > 0:  # the stream memory's slots; rows looked up after the draw
+                side = [(self.rank, torch.arange(len(memory)))] if len(memory) else None
+            draws = [self.memory_batch_rows(side, phase.memory_batch, len(rows),
+                                            (cfg.run.seed, task.index, p, epoch, step, "memory-batch", *d))
+                     for d in [()] + [(d,) for d in range(1, phase.memory_draws)]]
             side_seed = stable_seed(cfg.run.seed, task.index, p, epoch, step, self.rank, "memory-batch-crop")
             optimizer.zero_grad(set_to_none=True)
             shares = torch.zeros((), device=self.device)  # this rank's share of the step's loss
             step_batches: list[Batch] = []
-            for k, ((x_u8, idx), mrows) in enumerate(zip(self.train_stream(rows, train=True, keys=keys), side_rows)):
+            for k, (x_u8, idx) in enumerate(self.train_stream(rows, train=True, keys=keys)):
                 batch = self.make_batch(x_u8, idx, memory_rows)
                 batch.position = parts[k]
                 step_batches.append(batch)
-                if mrows is not None and len(mrows):
-                    mkeys = [crop_keys(side_seed + k, torch.arange(len(mrows)))]
-                    mx_u8, midx = next(iter(self.train_stream([mrows], train=True, keys=mkeys)))
-                    batch.memory = self.make_batch(mx_u8, midx, None)
-                    batch.memory.from_memory = torch.ones(len(midx), dtype=torch.bool, device=mx_u8.device)
+                side_batches = [self.memory_side_batch(draw[k], side_seed + k + 7919 * d, streaming)
+                                for d, draw in enumerate(draws)]
+                batch.memory, batch.memory_more = side_batches[0], [b for b in side_batches[1:] if b is not None]
                 with self.autocast():
                     loss, logs = self.method.loss(batch, phase, task)
                 (loss * (len(idx) * self.world / size)).backward()
@@ -463,6 +469,22 @@ class Trainer:
             g = torch.Generator().manual_seed(stable_seed(*seed_parts))
             shares.append(rank_share(rows[torch.randperm(len(rows), generator=g)[:size]], r, n_ranks))
         return list(torch.cat(shares).tensor_split(max(n_micro, 1)))[:n_micro]
+
+    def memory_side_batch(self, mrows: torch.Tensor | None, seed: int, streaming: bool) -> Batch | None:
+        """The rehearsal batch of the drawn memory rows (for a StreamMemory: drawn slots, which it carries in
+        `slot`), augmented with crops of its own seed."""
+        if mrows is None or not len(mrows):
+            return None
+        memory = self.method.memory
+        slots = mrows if streaming else None
+        if slots is not None and isinstance(memory, StreamMemory):
+            mrows = memory.rows[slots]
+        mkeys = [crop_keys(seed, torch.arange(len(mrows)))]
+        mx_u8, midx = next(iter(self.train_stream([mrows], train=True, keys=mkeys)))
+        batch = self.make_batch(mx_u8, midx, None)
+        batch.from_memory = torch.ones(len(midx), dtype=torch.bool, device=mx_u8.device)
+        batch.slot = slots
+        return batch
 
     def make_batch(self, x_u8, idx, memory_rows) -> Batch:
         y = self.scenario.train_labels[idx]

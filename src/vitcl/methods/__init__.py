@@ -1,9 +1,11 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
 from . import (  # noqa: F401  (registration)
     bic,
+    dark_er,
     der,
     dytox,
     e2e,
+    er,
     ewc,
     finetune,
     icarl,

@@ -32,7 +32,7 @@ from the rehearsal memory (dark-experience / LVT style) in `batch.memory`, once 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, get_args
 
 import torch
@@ -41,6 +41,7 @@ from torch import nn
 from ..config import OptimConfig
 from ..data import distributed
 from ..data.memory import Memory, RankedMemory, make_budget, make_memory
+from ..data.stream_memory import StreamMemory
 from ..errors import ConfigError
 from ..registry import Registry
 from .losses import classification_loss
@@ -80,6 +81,7 @@ class Phase:
     # extend: the epoch grows `repeats` times | deit: it keeps its length (RASampler)
     repeat_mode: Literal["extend", "deit"] = "extend"
     memory_batch: int = 0  # >0: draw this many memory rows alongside every batch, into batch.memory
+    memory_draws: int = 1  # independent memory batches per step: batch.memory, then batch.memory_more (DER++: 2)
 
     def __getattr__(self, name: str) -> Any:
         optim = self.__dict__.get("optim")
@@ -136,6 +138,8 @@ class Batch:
     soft: torch.Tensor | None = None  # MixUp/CutMix soft targets over the seen classes, when mixing is on
     from_memory: torch.Tensor | None = None  # bool mask: sample comes from the rehearsal memory
     memory: Batch | None = None  # a separate rehearsal batch, for phases with memory_batch > 0
+    memory_more: list[Batch] = field(default_factory=list)  # further independent draws (phase.memory_draws > 1)
+    slot: torch.Tensor | None = None  # a StreamMemory's slots of a rehearsal batch's rows (their stored extras)
     # each row's place in the epoch's sequence of global batches (CPU; the same whatever the number of processes)
     position: torch.Tensor | None = None
 
@@ -191,10 +195,7 @@ class Method(Generic[O]):
         self.seen = 0  # classes seen so far, after begin_task
         self.task_index = -1
         self.model: nn.Module = self.build_model().to(device)
-        budget = make_budget(cfg.memory.size, cfg.memory.per_class) if self.uses_memory else make_budget(0, 0)
-        self.memory: Memory | RankedMemory = make_memory(budget, cfg.memory.selection, cfg.run.seed,
-                                                         cfg.memory.ranks, distributed.rank(),
-                                                         distributed.world_size())
+        self.memory: Memory | RankedMemory | StreamMemory = self.build_memory()
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -210,6 +211,14 @@ class Method(Generic[O]):
     # ------------------------------------------------------------------ to implement
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def build_memory(self) -> Memory | RankedMemory | StreamMemory:
+        """The memory filled at task ends (a budget and a selection rule); methods whose memory streams
+        (reservoir) return a StreamMemory."""
+        cfg = self.cfg
+        budget = make_budget(cfg.memory.size, cfg.memory.per_class) if self.uses_memory else make_budget(0, 0)
+        return make_memory(budget, cfg.memory.selection, cfg.run.seed, cfg.memory.ranks, distributed.rank(),
+                           distributed.world_size())
 
     def begin_task(self, task: Task) -> None:
         self.task_index, self.seen = task.index, task.end
@@ -261,8 +270,9 @@ class Method(Generic[O]):
 
     def update_memory(self, task: Task, ctx: TaskContext) -> None:
         """Add the task's exemplars, selected on what the selector needs (embeddings, or the scores of
-        `candidate_outputs`), with the per-row extras that `candidate_outputs` gives."""
-        if not self.memory.enabled:
+        `candidate_outputs`), with the per-row extras that `candidate_outputs` gives. A StreamMemory is filled
+        while the task trains (`after_step`), not here."""
+        if not self.memory.enabled or isinstance(self.memory, StreamMemory):
             return
         labels = self.scenario.train_labels[task.train_idx]
         needs = self.memory.selector.needs

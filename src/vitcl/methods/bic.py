@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.stream_memory import StreamMemory
 from ..errors import ConfigError
 from ..models.heads import TaskHead
 from .base import register_method
@@ -136,6 +137,7 @@ class BiC(Distilled):
     def holdout_per_class(self, task) -> int:
         if task.index == 0:
             return 0
+        assert not isinstance(self.memory, StreamMemory)  # BiC's memory is filled at task ends
         return int(self.opts.val_ratio * self.memory.budget.per_class(task.offset))
 
     def phases(self, task):

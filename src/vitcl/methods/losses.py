@@ -201,3 +201,14 @@ def hard_negative_margin_ranking(cosines: torch.Tensor, y: torch.Tensor, n_old: 
     own = c.gather(1, y[rows][:, None])
     hard = c[:, n_old:].topk(min(k, c.shape[1] - n_old), dim=1).values
     return (margin - own + hard).clamp(min=0).mean()
+
+
+def stored_logits_mse(logits: torch.Tensor, stored: torch.Tensor, n_stored: torch.Tensor) -> torch.Tensor:
+    """Dark experience replay's term: the squared distance between the current logits of memory samples and the
+    logits stored with them, averaged over the entries stored: row i holds its first n_stored[i] columns (the
+    classes seen when it was stored; a growing head's later columns have no stored value)."""
+    k = min(logits.shape[1], stored.shape[1])
+    cols = torch.arange(k, device=logits.device)
+    mask = (cols[None, :] < n_stored.to(logits.device)[:, None]).float()
+    sq = (logits[:, :k].float() - stored[:, :k].to(logits.device).float()) ** 2
+    return (sq * mask).sum() / mask.sum().clamp(min=1.0)
