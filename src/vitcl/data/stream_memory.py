@@ -35,13 +35,22 @@ def stream_uniform(seed: int, n: int, bound: int) -> int:
         k += 1
 
 
+def stream_fraction(seed: int, n: int) -> float:
+    """A uniform float in [0, 1) for stream index n."""
+    return stream_uniform(seed, n, 1 << 53) / float(1 << 53)
+
+
 class StreamPolicy:
-    """Where streamed samples go: `place(memory, n, label)` -> the slot to overwrite, or -1 to skip."""
+    """Where streamed samples go: `place(memory, n, label, sample)` -> the slot to overwrite, or -1 to skip; n is the
+    sample's stream index, `sample` its row in the step's tensors given to `observe`. `score` is what the memory
+    keeps in the slot's `scores` entry (GSS)."""
+
+    score = 0.0
 
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def place(self, memory: StreamMemory, n: int, label: int) -> int:
+    def place(self, memory: StreamMemory, n: int, label: int, sample: int) -> int:
         raise NotImplementedError
 
 
@@ -51,7 +60,7 @@ class Reservoir(StreamPolicy):
     then replaces slot j, j uniform in [0, n], when j < M; every sample of the stream so far is in the memory with
     probability M / (n + 1)."""
 
-    def place(self, memory, n, label):
+    def place(self, memory, n, label, sample):
         if n < memory.capacity:
             return n
         j = stream_uniform(self.seed, n, n + 1)
@@ -65,7 +74,7 @@ class ClassBalancedReservoir(StreamPolicy):
     a largest class (ties: the lowest label; the class of the sample then counts as 'full'); a sample of a full
     class c replaces a random stored sample of c with probability m_c / n_c (m_c stored, n_c streamed so far)."""
 
-    def place(self, memory, n, label):
+    def place(self, memory, n, label, sample):
         memory.class_seen[label] = memory.class_seen.get(label, 0) + 1
         if memory.filled < memory.capacity:
             return memory.filled
@@ -86,6 +95,39 @@ class ClassBalancedReservoir(StreamPolicy):
         return int(slots[stream_uniform(self.seed + 1, n, len(slots))])
 
 
+@STREAM_POLICIES.register("gss")
+class GradientSampleSelection(StreamPolicy):
+    """GSS-Greedy (Aljundi et al., NeurIPS 2019, Algorithm 2, as Mammoth's utils/gss_buffer.py): a slot's score is the
+    largest cosine similarity + 1 between its sample's loss gradient and those of a random subset of the memory
+    when it was stored. The method sets, before each step's `observe`, `batch_score` (the score of the step's mean
+    gradient against the subset) and `sample_score(sample)` (one streamed sample's score, computed on demand).
+    While the stream has fewer than M samples, sample n fills slot n with the batch score. Then, if the batch
+    score is below 1, each sample draws a slot with probability proportional to the scores and replaces it with
+    probability s_slot / (s_slot + its own score); a batch whose score is 1 or more is not stored."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.batch_score = 0.1  # Mammoth's score of the first batch, when the memory is empty
+        self.sample_score = lambda sample: 0.0
+
+    def place(self, memory, n, label, sample):
+        if n < memory.capacity:
+            self.score = self.batch_score
+            return n
+        if self.batch_score >= 1:
+            return -1
+        single = float(self.sample_score(sample))
+        scores = memory.scores[: memory.filled].double()
+        cumulative = (scores / scores.sum()).cumsum(0)
+        slot = min(int(torch.searchsorted(cumulative, torch.tensor(stream_fraction(self.seed, n),
+                                                                   dtype=torch.float64))), memory.filled - 1)
+        s = float(scores[slot])
+        if stream_fraction(self.seed + 1, n) < s / (s + single):
+            self.score = single
+            return slot
+        return -1
+
+
 class StreamMemory:
     """`capacity` slots of (train-set row, label, task id, extras), filled by a StreamPolicy as batches stream.
 
@@ -101,6 +143,7 @@ class StreamMemory:
         self.labels = torch.full((capacity,), -1, dtype=torch.long)
         self.tasks = torch.full((capacity,), -1, dtype=torch.long)
         self.extras: dict[str, torch.Tensor] = {}
+        self.scores = torch.zeros(capacity, dtype=torch.float64)  # the policy's score of each slot (GSS)
         self.filled = 0
         self.streamed = 0  # samples streamed before the current epoch plus those of this epoch so far
         self.epoch_base = 0  # samples streamed before the current epoch
@@ -145,9 +188,10 @@ class StreamMemory:
         chosen_slots, chosen_samples = [], []
         for i, (pos, label) in enumerate(zip(positions.tolist(), labels.tolist())):
             n = self.epoch_base + pos
-            slot = self.policy.place(self, n, label)
+            slot = self.policy.place(self, n, label, int(order[i]))
             if slot >= 0:
                 self.rows[slot], self.labels[slot], self.tasks[slot] = rows[i], label, tasks[i]
+                self.scores[slot] = self.policy.score
                 self.filled = max(self.filled, slot + 1)
                 chosen_slots.append(slot)
                 chosen_samples.append(i)
@@ -185,7 +229,8 @@ class StreamMemory:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "rows": self.rows.clone(), "labels": self.labels.clone(),
-                "tasks": self.tasks.clone(), "extras": {k: v.detach().cpu().clone() for k, v in self.extras.items()},
+                "tasks": self.tasks.clone(), "scores": self.scores.clone(),
+                "extras": {k: v.detach().cpu().clone() for k, v in self.extras.items()},
                 "filled": self.filled, "streamed": self.streamed, "epoch_base": self.epoch_base,
                 "class_seen": dict(self.class_seen), "full_classes": sorted(self.full_classes)}
 
@@ -195,6 +240,7 @@ class StreamMemory:
                              f"{self.capacity}")
         device = next(iter(self.extras.values())).device if self.extras else None
         self.rows, self.labels, self.tasks = state["rows"].clone(), state["labels"].clone(), state["tasks"].clone()
+        self.scores = state["scores"].clone()
         self.extras = {k: v.clone() if device is None else v.to(device) for k, v in state["extras"].items()}
         self.filled, self.streamed, self.epoch_base = state["filled"], state["streamed"], state["epoch_base"]
         self.class_seen = dict(state["class_seen"])

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     er,
     ewc,
     finetune,
+    gss,
     icarl,
     joint,
     lpa,
