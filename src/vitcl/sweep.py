@@ -390,11 +390,16 @@ def import_submitit():
 def _slurm(sweep: Sweep, todo: list[SweepRun], say, cluster: str) -> None:
     submitit = import_submitit()
     opts = sweep.launcher
-    executor = submitit.AutoExecutor(folder=str(sweep.folder / "slurm" / "%j"), cluster=cluster)
     gpus = int(opts.get("gpus_per_run") or 1)
-    executor.update_parameters(timeout_min=int(opts.get("timeout") or 60), gpus_per_node=gpus, tasks_per_node=1,
-                               nodes=1, cpus_per_task=int(opts.get("cpus_per_run") or 8), name="vitcl-sweep",
-                               slurm_partition=opts.get("partition"), slurm_account=opts.get("account"))
+    folder = str(sweep.folder / "slurm" / "%j")
+    if cluster == "slurm":  # the Slurm executor itself: AutoExecutor needs pkg_resources, gone from setuptools
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(partition=opts.get("partition"), time=int(opts.get("timeout") or 60),
+                                   gpus_per_node=gpus, ntasks_per_node=1, nodes=1, job_name="vitcl-sweep",
+                                   cpus_per_task=int(opts.get("cpus_per_run") or 8),
+                                   **({"account": opts["account"]} if opts.get("account") else {}))
+    else:  # "debug": in this process, for tests
+        executor = submitit.DebugExecutor(folder=folder)
     jobs = []
     for run in todo:
         job = executor.submit(SlurmRun(sweep.argv(run), str(sweep.run_dir(run)), gpus,
