@@ -79,7 +79,9 @@ class Table:
         for row in self.rows:
             cells = [row["row"].replace("|", "\\|"), str(row["runs"]), *(self._cell(row, m) for m in self.metrics)]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"mean ± {STD_KIND} / published value (difference, measured - published)."]
+        published = any(row[f"{m}_published"] is not None for row in self.rows for m in self.metrics)
+        lines += ["", f"mean ± {STD_KIND}" + (" / published value (difference, measured - published)."
+                                               if published else ".")]
         sources = sorted({row["source"] for row in self.rows if row["source"]})
         lines += [f"published: {s}" for s in sources]
         return "\n".join(lines)
