@@ -1,4 +1,4 @@
-"""vitcl run | resume | eval | analyze | report | params | datasets | presets."""
+"""vitcl run | resume | eval | analyze | report | params | datasets | presets | sweep."""
 from __future__ import annotations
 
 import argparse
@@ -256,9 +256,103 @@ def cmd_analyze(args) -> int:
 
 def cmd_report(args) -> int:
     from .eval.report import comparison_table
+    from .sweep import SWEEP_FILE
 
-    print(comparison_table([Path(d) for d in args.run_dirs]))
+    paths = [Path(d) for d in args.run_dirs]
+    if any((p / SWEEP_FILE).exists() for p in paths) or args.format or args.plot:
+        return _paper_table(paths, args.format or "markdown", args.plot)
+    print(comparison_table(paths))
     return 0
+
+
+def _paper_table(paths: list[Path], fmt: str, plot: str | None) -> int:
+    """vitcl report SWEEP_DIR: one row per preset, mean ± std over its seeds and orders beside the published."""
+    from .eval.aggregate import aggregate, plot_groups
+    from .sweep import report_groups
+
+    groups = report_groups(paths, say=lambda text: print(text, file=sys.stderr))
+    table = aggregate(groups)
+    print({"markdown": table.to_markdown, "csv": table.to_csv, "latex": table.to_latex,
+           "json": table.to_json}[fmt]().rstrip("\n"))
+    if plot:
+        print(f"plot: {plot_groups(groups, Path(plot))}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import import_submitit, launch, load_sweep, new_sweep
+
+    launcher = _sweep_launcher(args)
+    if launcher.get("name") == "slurm":
+        import_submitit()  # its absence is known before anything runs
+    if args.resume:
+        if args.items or args.grid:
+            raise VitclError("--resume SWEEP_DIR takes no presets, overrides or --grid: the sweep.yaml has them")
+        sweep = load_sweep(Path(args.resume))
+        if args.launcher:
+            sweep.launcher = launcher
+    else:
+        sources, overrides = _split_args(args.items)
+        sweep = new_sweep(sources, overrides, args.grid, args.out, launcher)
+    failed = launch(sweep, _sweep_in_process, quiet=args.quiet)
+    done = sum(r.state == "done" for r in sweep.runs)
+    print(f"sweep {sweep.folder}: {done}/{len(sweep.runs)} runs done" + (f", {len(failed)} failed:" if failed else ""))
+    for run in failed:
+        print(f"  {run.name}: {run.error}")
+    if failed:
+        print(f"`vitcl sweep --resume {sweep.folder}` runs the failed and missing ones again")
+    print(f"`vitcl report {sweep.folder}` prints the table")
+    return 1 if failed else 0
+
+
+def _sweep_launcher(args) -> dict:
+    name = args.launcher or "sequential"
+    if name != "local" and (args.gpus or args.slots):
+        raise VitclError(f"--gpus and --slots belong to --launcher local, not {name}")
+    if name != "slurm" and (args.partition or args.account or args.gpus_per_run or args.timeout):
+        raise VitclError(f"--partition, --account, --gpus-per-run and --timeout belong to --launcher slurm, not {name}")
+    if name == "local":
+        if args.gpus and args.slots:
+            raise VitclError("--gpus and --slots: give one (a run per GPU, or N runs on the CPU at once)")
+        gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
+        if any(not g for g in gpus):
+            raise VitclError(f"--gpus {args.gpus}: expected a comma list of GPU indices such as 0,1,2,3")
+        if args.slots is not None and args.slots < 1:
+            raise VitclError(f"--slots {args.slots}: expected a number of processes >= 1")
+        return {"name": name, "gpus": gpus, "slots": args.slots or (len(gpus) or 1)}
+    if name == "slurm":
+        if not args.partition:
+            raise VitclError("--launcher slurm needs --partition P")
+        if (args.gpus_per_run or 1) < 1 or (args.timeout or 60) < 1:
+            raise VitclError("--gpus-per-run and --timeout: expected positive numbers")
+        return {"name": name, "partition": args.partition, "account": args.account,
+                "gpus_per_run": args.gpus_per_run or 1, "timeout": args.timeout or 60}
+    return {"name": name}
+
+
+def _sweep_in_process(argv: list[str]) -> tuple[int, str | None]:
+    """One `vitcl run|resume` of a sweep in this process: its exit code and the one-line error it printed. A
+    failure of the run (a bug included) is the run's, not the sweep's; a stop signal stops the sweep."""
+    import traceback
+
+    args = make_parser().parse_args(argv)
+    try:
+        rc, error = args.fn(args), None
+    except VitclError as exc:
+        error = _error_text(exc)
+        print(f"vitcl: error: {error}", file=sys.stderr)
+        rc = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - reported as this run's failure
+        traceback.print_exc()
+        lines = str(exc).strip().splitlines()
+        error, rc = f"{exc.__class__.__name__}: {lines[0] if lines else ''}", 1
+    if _stopped_by:
+        raise KeyboardInterrupt
+    return rc, error
+
+
+def _error_text(exc: VitclError) -> str:
+    return "".join(c.encode("unicode_escape").decode() if c in _LINE_BREAKS else c for c in str(exc))
 
 
 def _build_for_count(cfg, scenario):
@@ -439,8 +533,12 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, default=None, help="held-out batch size (default: eval.analysis_samples)")
     r.add_argument("--images", type=int, default=None, help="images in the heat maps (default: eval.analysis_images)")
     r.set_defaults(fn=cmd_analyze)
-    r = sub.add_parser("report", help="Markdown table comparing runs")
+    r = sub.add_parser("report", help="Markdown table comparing runs; for sweep folders, the paper table")
     r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--format", choices=["markdown", "csv", "latex", "json"], default=None,
+                   help="the paper table's format (default: markdown)")
+    r.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="accuracy versus number of classes of every row, with a ±std band")
     r.set_defaults(fn=cmd_report)
     r = sub.add_parser("params", help="parameter count after each task, without training")
     r.add_argument("items", nargs="*")
@@ -457,18 +555,37 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("presets", help="list the preset configs")
     r.add_argument("--published", action="store_true", help="with the published cell each preset aims at")
     r.set_defaults(fn=cmd_presets)
+    _add_sweep_parser(sub)
     return p
+
+
+def _add_sweep_parser(sub) -> None:
+    r = sub.add_parser("sweep", help="every combination of --grid values, for each PRESET, into one sweep folder")
+    r.add_argument("items", nargs="*", help="presets (one table row each), then overrides for every run")
+    r.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values; several --grid are crossed")
+    r.add_argument("--out", default=None, help="the sweep folder (default: runs/sweep-PRESET-TIME)")
+    r.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="run what is missing or failed in a sweep")
+    r.add_argument("--launcher", choices=["sequential", "local", "slurm"], default=None,
+                   help="sequential (default): here, one after another; local: subprocesses; slurm: submitit jobs")
+    r.add_argument("--gpus", default=None, help="local: one run per GPU at a time, e.g. 0,1,2,3")
+    r.add_argument("--slots", type=int, default=None, help="local: N runs on the CPU at once")
+    r.add_argument("--partition", default=None, help="slurm: the partition")
+    r.add_argument("--account", default=None, help="slurm: the account")
+    r.add_argument("--gpus-per-run", type=int, default=None, help="slurm: GPUs per run (torchrun when above 1)")
+    r.add_argument("--timeout", type=int, default=None, help="slurm: minutes per job (default: 60)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output from the runs")
+    r.set_defaults(fn=cmd_sweep)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     _stopped_by.clear()
-    previous = _install_stop_handlers() if args.fn in (cmd_run, cmd_resume) else {}
+    previous = _install_stop_handlers() if args.fn in (cmd_run, cmd_resume, cmd_sweep) else {}
     try:
         return args.fn(args)
     except VitclError as exc:
-        text = "".join(c.encode("unicode_escape").decode() if c in _LINE_BREAKS else c for c in str(exc))
-        print(f"vitcl: error: {text}", file=sys.stderr)
+        print(f"vitcl: error: {_error_text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # before training started (or after it ended): nothing to keep
         print(f"vitcl: {_stop_name()}", file=sys.stderr)
