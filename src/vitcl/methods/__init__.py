@@ -1,11 +1,14 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
 from . import (  # noqa: F401  (registration)
+    agem,
     bic,
     der,
     dytox,
     e2e,
     ewc,
+    fdr,
     finetune,
+    gem,
     icarl,
     joint,
     lpa,
