@@ -1,5 +1,6 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
 from . import (  # noqa: F401  (registration)
+    agem,
     bic,
     dark_er,
     der,
@@ -7,7 +8,9 @@ from . import (  # noqa: F401  (registration)
     e2e,
     er,
     ewc,
+    fdr,
     finetune,
+    gem,
     gss,
     icarl,
     joint,
