@@ -13,13 +13,21 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimCo
     no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    fused = use_fused([p for _, p in params])
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                               fused=fused, foreach=not fused)
     if optim.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=optim.lr)
+        return torch.optim.Adam(groups, lr=optim.lr, fused=fused, foreach=not fused)
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, eps=1e-8)
+        return torch.optim.AdamW(groups, lr=optim.lr, eps=1e-8, fused=fused, foreach=not fused)
     raise ValueError(f"unknown optimizer {optim.optimizer!r}")
+
+
+def use_fused(params: list[torch.nn.Parameter]) -> bool:
+    """The optimiser's update kernel, set explicitly because torch's defaults differ by version: one fused kernel
+    when every parameter is a floating CUDA tensor, else the multi-tensor (foreach) loop; the update is the same."""
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 def lr_at(optim: OptimConfig, epochs: int, epoch: int) -> float:
