@@ -237,3 +237,51 @@ def test_two_processes_stream_the_same_memory_as_one(tmp_path):
     assert m0["filled"] == 24 and m0["streamed"] == single["streamed"]
     assert torch.equal(m0["rows"], m1["rows"]) and torch.equal(m0["rows"], single["rows"])
     assert torch.equal(m0["extras"]["logits"], m1["extras"]["logits"])
+
+
+def test_gss_policy_against_a_transcription_of_gss_greedy():
+    """GSS-Greedy's placement (Mammoth's functional_reservoir) with given scores: fill while the stream is short,
+    then draw a slot in proportion to the scores and replace it with probability s / (s + c)."""
+    from vitcl.data.stream_memory import GradientSampleSelection, stream_fraction
+
+    M = 6
+    memory = StreamMemory(M, GradientSampleSelection(4))
+    singles = torch.rand(40, generator=torch.Generator().manual_seed(1)) * 2
+    rows = torch.arange(40)
+    expected_rows, expected_scores = torch.full((M,), -1), torch.zeros(M, dtype=torch.float64)
+    memory.begin_epoch()
+    for start, batch_score in zip(range(0, 40, 8), (0.1, 0.5, 1.2, 0.3, 0.9)):
+        memory.policy.batch_score = batch_score
+        memory.policy.sample_score = lambda i, s=start: float(singles[s + i])
+        memory.observe(rows[start: start + 8], torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long),
+                       torch.arange(start, start + 8))
+        for n in range(start, start + 8):  # the transcription
+            if n < M:
+                expected_rows[n], expected_scores[n] = n, batch_score
+            elif batch_score < 1:
+                p = expected_scores / expected_scores.sum()
+                u, slot = stream_fraction(4, n), 0
+                while slot < M - 1 and u >= float(p[: slot + 1].sum()):
+                    slot += 1
+                s = float(expected_scores[slot])
+                if stream_fraction(5, n) < s / (s + float(singles[n])):
+                    expected_rows[slot], expected_scores[slot] = n, float(singles[n])
+    assert torch.equal(memory.rows, expected_rows)
+    assert torch.allclose(memory.scores, expected_scores)
+
+
+def test_gss_scores_are_the_largest_cosine_similarity_plus_one(tmp_path):
+    tr = _trainer(tmp_path, "gss/digits-b0inc2")
+    method = tr.method
+    g = torch.randn(50)
+    G = torch.randn(7, 50)
+    expected = max(float(g @ G[k] / (g.norm() * G[k].norm())) for k in range(7)) + 1
+    assert method.score(g, G) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gss_run_fills_its_memory(tmp_path):
+    tr = _trainer(tmp_path, "gss/digits-b0inc2", "memory.size=20", "train.max_batches=2", "train.batch_size=8",
+                  "method.memory_batch=4")
+    tr.fit()
+    memory = tr.method.memory
+    assert len(memory) == 20 and (memory.scores[:20] > 0).all()
