@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import math
-import os
-import re
 import signal
 import sys
 import threading
@@ -19,7 +16,7 @@ if TYPE_CHECKING:
     from .data.scenario import Scenario
 
 _LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # str.splitlines' line ends: escaped in an error line
-DEFAULT_PRESET = "dytox/digits-b0inc2"  # `vitcl run` with no argument: the embedded demo (a small DyTox)
+from .api import DEFAULT_PRESET  # noqa: E402  (`vitcl run` with no argument: the embedded demo)
 
 
 def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
@@ -28,63 +25,12 @@ def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
     return sources, overrides
 
 
-def _run_dir(cfg, sources: list[str]) -> Path:
-    name = cfg.run.name
-    if not name:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(Path(s).stem if s.endswith(".yaml") else s
-                                                         for s in sources)).strip("-")
-        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.run.out_dir) / name
-
-
 def cmd_run(args) -> int:
-    from .data import distributed as dist
-    from .engine.trainer import Trainer
-    from .eval import jsonfile
-    from .runconfig import load_config, save_run_config
+    from .api import prepare_run
 
     sources, overrides = _split_args(args.items)
-    sources = sources or [DEFAULT_PRESET]
-    cfg, _ = load_config(sources, overrides)
-    run_dir = _run_dir(cfg, sources)
-    run_dir = Path(dist.broadcast_object(str(run_dir))) if dist.world_size() > 1 else run_dir
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise VitclError(f"{run_dir}: a run already lives there; `vitcl resume {run_dir}` continues it, "
-                         f"or choose another run.name")
-    trainer = Trainer(cfg, run_dir, progress=not args.quiet)
-    run_dir = trainer.run_dir
-    if dist.is_main():
-        _make_run_dir(run_dir)
-        save_run_config(run_dir, cfg, sources, overrides)
-        jsonfile.write_atomic(run_dir / "data.json", {"datasets": trainer.scenario.data_record})
-        print(f"run folder: {run_dir}", file=sys.stderr)
-        data = cfg.data.datasets or cfg.data.dataset
-        print(f"{cfg.method.name} · {cfg.model.name} · {data} · {trainer.scenario.describe()} · device {trainer.device}"
-              + (f" × {trainer.world}" if trainer.world > 1 else ""), file=sys.stderr)
+    trainer = prepare_run(sources or [DEFAULT_PRESET], overrides, progress=not args.quiet)
     return _fit_and_report(trainer, None)
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    """The run folder, or a one-line error naming the folder that stands in the way (a file, read-only)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        where = next((p for p in run_dir.parents if p.exists()), run_dir.parent)
-        reason = "a file, not a folder" if not where.is_dir() else _os_reason(where, exc)
-        raise VitclError(f"{where}: cannot make the run folder {run_dir.name} there ({reason}); "
-                         f"choose another run.out_dir or run.name") from None
-    if not os.access(run_dir, os.W_OK):
-        reason = _os_reason(run_dir, PermissionError(errno.EACCES, "permission denied"))
-        raise VitclError(f"{run_dir}: the run folder is not writable ({reason}); choose another run.out_dir")
-
-
-def _os_reason(folder: Path, exc: OSError) -> str:
-    try:
-        if exc.errno == errno.EROFS or os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return "read-only file system"
-    except OSError:
-        pass
-    return (exc.strerror or str(exc)).lower()
 
 
 # ------------------------------------------------------------------ stopping: Ctrl-C and SIGTERM
