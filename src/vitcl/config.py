@@ -27,6 +27,18 @@ class RunConfig:
     compile: bool = False
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     progress: bool = True
+    # where metrics go besides metrics.jsonl (always written): tensorboard, wandb, csv (eval/loggers.py)
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_project: str = "vitcl"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no account; `wandb sync` uploads later
+
+    def validate(self, key: str) -> None:
+        known = ("jsonl", "tensorboard", "wandb", "csv")
+        for name in self.loggers:
+            if name not in known:
+                raise ConfigError(f"{key}.loggers: unknown logger '{name}'; expected some of: {', '.join(known)}")
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"{key}.loggers: a logger is listed twice")
 
 
 @dataclass

@@ -8,6 +8,7 @@ optimiser, the progress counters and every metric so far.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import math
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import Config
 from ..data import distributed as dist
@@ -32,6 +34,7 @@ from ..errors import ConfigError, TrainingError
 from ..eval import jsonfile
 from ..eval.evaluator import evaluate
 from ..eval.locality import HeldoutBatch, analyse_task, heldout_batch, summarise
+from ..eval.loggers import RunLoggers, check_available, step_key
 from ..eval.report import build_results
 from ..methods import METHODS, Batch, Method, Phase
 from ..methods.base import StepInfo, TaskContext
@@ -123,6 +126,8 @@ class Trainer:
         self.test_stream = BatchStream(self.scenario.test, self.device, cfg.data.num_workers,
                                        crop_spec(cfg.data, self.scenario.test))
         self.progress = Progress(progress and cfg.run.progress and dist.is_main())
+        check_available(cfg.run.loggers)
+        self.loggers: RunLoggers | None = None  # opened when fit starts (the main process only)
         self.state = RunState()
         self.ckpt_dir = run_dir / "checkpoints"
         self._heldout: HeldoutBatch | None = None
@@ -258,7 +263,28 @@ class Trainer:
             yield t, ckpt
 
     # ------------------------------------------------------------------ the loop
+    def open_loggers(self) -> None:
+        """The loggers of run.loggers; a resumed run's drop what was written after its checkpoint."""
+        names = [n for n in self.cfg.run.loggers if n != "jsonl"]
+        if not names or not dist.is_main() or self.loggers is not None:
+            return
+        s = self.state
+        resumed = s.task > 0 or s.phase > 0 or s.epoch > 0 or s.begun
+        config = dataclasses.asdict(self.cfg)
+        self.loggers = RunLoggers(names, self.run_dir, config, yaml.safe_dump(config, sort_keys=False),
+                                  step_key(s.task, s.phase, s.epoch) + 1 if resumed else None,
+                                  self.cfg.run.wandb_project, self.cfg.run.wandb_mode)
+
     def fit(self, optimizer_state: dict | None = None) -> dict:
+        self.open_loggers()
+        try:
+            return self._fit(optimizer_state)
+        finally:
+            if self.loggers is not None:
+                self.loggers.close()
+                self.loggers = None
+
+    def _fit(self, optimizer_state: dict | None = None) -> dict:
         s, cfg = self.state, self.cfg
         for t in range(s.task, len(self.scenario)):
             task = self.scenario[t]
@@ -326,6 +352,14 @@ class Trainer:
                                    "class_il": res["class_il"], "task_il": res["task_il"]})
                 self.log_metrics({"kind": "periodic", "task": task.index, "phase": phase.name, "epoch": s.epoch,
                                   "loss": loss, **res})
+            if self.loggers is not None:
+                self.loggers.epoch(step_key(task.index, p, s.epoch),
+                                   {"task": task.index, "phase": phase.name, "epoch": s.epoch, "loss": loss,
+                                    "lr": lr_at(phase.optim, phase.epochs, epoch),
+                                    "images_per_s": self.progress.throughput})
+                if periodic:
+                    self.loggers.evaluation(step_key(task.index, p, s.epoch), s.periodic[-1] | res |
+                                            {"kind": "periodic", "phase": phase.name, "epoch": s.epoch})
             self.progress.end_epoch(f"epoch {s.epoch}/{phase.epochs} · "
                                     f"lr {lr_at(phase.optim, phase.epochs, epoch):.2e}", extra)
             if s.epoch % cfg.train.checkpoint_every == 0 or s.epoch == phase.epochs:
@@ -518,6 +552,10 @@ class Trainer:
         s.evals.append(res)
         s.tasks.append(info)
         self.log_metrics({"kind": "task_end", **res, **{k: v for k, v in info.items() if k != "task"}})
+        if self.loggers is not None:  # after the task's phases: keyed after every epoch of the task
+            key = step_key(task.index, 99, 0)
+            self.loggers.evaluation(key, {"kind": "task_end", **res, **info})
+            self.loggers.matrices(key, {k: [e[k] for e in s.evals] for k in ("class_il", "task_il")})
         msg = f"task {task.index + 1}/{len(self.scenario)} done in {fmt_time(seconds)}"
         if not self.method.task_conditioned:
             msg += f" · class-IL {res['seen_class_il']:.2f}"

@@ -1,0 +1,86 @@
+"""run.loggers: TensorBoard event files read back with tensorboard's own reader, CSV files, the one-line error of a
+missing optional logger, and a resumed run that does not log twice."""
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+from helpers import TINY
+from vitcl.engine.trainer import Trainer
+from vitcl.errors import ConfigError
+from vitcl.runconfig import load_config
+
+OVERRIDES = [*TINY, "data.increment=5", "run.progress=false", "train.epochs=2", "train.eval_every=1"]
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="tensorboard is not installed (pip install 'vitcl[tensorboard]')")
+
+
+def trainer(run_dir, *overrides):
+    cfg, _ = load_config(["replay/digits-b0inc2"], [*OVERRIDES, *overrides])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, run_dir, progress=False)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@needs_tensorboard
+def test_tensorboard_and_csv_hold_the_runs_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = trainer(tmp_path / "r", "run.loggers=[tensorboard,csv]").fit()
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "train/images_per_s", "eval/seen_class_il", "eval/seen_task_il"} <= set(
+        tags["scalars"])
+    assert len(acc.Scalars("train/loss")) == 4  # 2 tasks x 2 epochs
+    ends = [e.value for e in acc.Scalars("eval/seen_class_il") if e.step % 10000 == 9900]
+    assert ends == pytest.approx(res["class_il"]["seen_acc"], abs=1e-4)
+    assert {"acc_matrix/class_il", "acc_matrix/task_il"} <= set(tags["images"])
+    assert "config/text_summary" in tags["tensors"]
+    steps, metrics = read_csv(tmp_path / "r" / "steps.csv"), read_csv(tmp_path / "r" / "metrics.csv")
+    assert [(r["task"], r["epoch"]) for r in steps] == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    ends = [float(r["seen_class_il"]) for r in metrics if r["kind"] == "task_end"]
+    assert ends == pytest.approx(res["class_il"]["seen_acc"], abs=1e-6)
+
+
+def test_a_missing_logger_is_a_one_line_error(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+
+    def hidden(name, *a, **k):
+        return None if name in ("tensorboard", "wandb") else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    for name in ("tensorboard", "wandb"):
+        with pytest.raises(ConfigError, match=rf"pip install 'vitcl\[{name}\]'"):
+            trainer(tmp_path / name, f"run.loggers=[{name}]")
+    with pytest.raises(ConfigError, match="run.loggers: unknown logger 'mlflow'"):
+        load_config(["replay/digits-b0inc2"], ["run.loggers=[mlflow]"])
+
+
+def test_a_resumed_run_does_not_log_twice(tmp_path):
+    full = trainer(tmp_path / "full", "run.loggers=[csv]")
+    full.fit()
+    t = trainer(tmp_path / "cut", "run.loggers=[csv]")
+    calls = {"n": 0}
+    original = t.train_epoch
+
+    def stop_after(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside task 1, after its first epoch
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    t.train_epoch = stop_after
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    resumed = trainer(tmp_path / "cut", "run.loggers=[csv]")
+    state = resumed.restore(torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False))
+    resumed.fit(state)
+    for name in ("steps.csv", "metrics.csv"):
+        a, b = read_csv(tmp_path / "full" / name), read_csv(tmp_path / "cut" / name)
+        assert [r["step"] for r in a] == [r["step"] for r in b]
