@@ -84,3 +84,36 @@ def test_a_resumed_run_does_not_log_twice(tmp_path):
     for name in ("steps.csv", "metrics.csv"):
         a, b = read_csv(tmp_path / "full" / name), read_csv(tmp_path / "cut" / name)
         assert [r["step"] for r in a] == [r["step"] for r in b]
+
+
+def test_wandb_logger_calls(tmp_path, monkeypatch):
+    """The Weights & Biases wiring, against a stand-in module (wandb itself is not a test dependency): one init in
+    the run folder with the resolved config, offline by default, scalars per epoch and evaluation, the matrices as
+    tables, finish at the end."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    fake.Table = lambda columns, data: ("table", columns, data)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    trainer(tmp_path / "w", "run.loggers=[wandb]").fit()
+    init = calls[0][1]
+    assert calls[0][0] == "init" and init["mode"] == "offline" and init["dir"] == str(tmp_path / "w")
+    assert init["config"]["method"]["name"] == "replay"
+    logged = [c for c in calls if c[0] == "log"]
+    assert sum("train/loss" in c[2] for c in logged) == 4
+    tables = [c[2]["acc_matrix/class_il"] for c in logged if "acc_matrix/class_il" in c[2]]
+    assert len(tables) == 2 and tables[-1][2][1][1] is not None
+    assert calls[-1] == ("finish",)
