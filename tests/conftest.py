@@ -16,3 +16,13 @@ torch.set_num_threads(2)
 @pytest.fixture
 def tmp_run_dir(tmp_path):
     return tmp_path / "runs"
+
+
+@pytest.fixture
+def without_onednn():
+    """torch's native CPU convolutions instead of oneDNN's, which corrupt the heap on some machines (AMD EPYC, torch
+    2.13.0+cpu) for the width-4 ResNets some tests train, aborting the process."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled

@@ -11,6 +11,7 @@ from vitcl.methods import METHODS, Batch
 from vitcl.runconfig import load_config
 
 TINY_RESNET = ["model.name=resnet18", "model.width=4", "model.stem=cifar"]
+pytestmark = pytest.mark.usefixtures("without_onednn")  # conftest.py: oneDNN aborts on these width-4 ResNets
 TINY_VIT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2"]
 BASE = ["finetune/digits-b0inc2", "data.setting=task-il", "data.class_order=null", "data.increment=[4,3,3]",
         "data.augment.crop_padding=0"]
