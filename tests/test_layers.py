@@ -20,6 +20,8 @@ LAYERS = {
     "eval": 3,
     "engine": 4,
     "runconfig": 5,
+    "sweep": 5.5,  # run building: grids of runs and their report
+    "api": 5.7,  # vitcl.run / load_run / report: below the command line, which shares its run setup
     "cli": 6, "__main__": 7, "__init__": 7,
 }
 SIBLINGS = {"errors": {"errors"}, "registry": {"errors", "registry"},

@@ -60,9 +60,9 @@ def _os_reason(folder: Path, exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def prepare_run(sources: list[str], overrides: list[str], progress: bool = True) -> Trainer:
+def prepare_run(sources: list[str], overrides: list[str], progress: bool = True, announce: bool = True) -> Trainer:
     """A new run's trainer, its folder made and its config and data record written (what `vitcl run` does before
-    training)."""
+    training); `announce` prints the run folder and what runs where (on stderr), `progress` the progress line."""
     from .data import distributed as dist
     from .engine.trainer import Trainer
     from .eval import jsonfile
@@ -80,7 +80,7 @@ def prepare_run(sources: list[str], overrides: list[str], progress: bool = True)
         make_run_folder(run_dir)
         save_run_config(run_dir, cfg, sources, overrides)
         jsonfile.write_atomic(run_dir / "data.json", {"datasets": trainer.scenario.data_record})
-        if progress:
+        if announce:
             print(f"run folder: {run_dir}", file=sys.stderr)
             data = cfg.data.datasets or cfg.data.dataset
             print(f"{cfg.method.name} · {cfg.model.name} · {data} · {trainer.scenario.describe()} · device "
@@ -107,7 +107,7 @@ def run(presets: Sequence[str] | str = (DEFAULT_PRESET,), overrides: Mapping[str
     items = _override_items(overrides)
     items += [f"run.out_dir={out_dir}"] if out_dir is not None else []
     items += [f"run.name={name}"] if name is not None else []
-    trainer = prepare_run(sources or [DEFAULT_PRESET], items, progress=progress)
+    trainer = prepare_run(sources or [DEFAULT_PRESET], items, progress=progress, announce=progress)
     results = trainer.fit()
     write_results(trainer.run_dir, results)
     write_plots(results, trainer.run_dir / "plots")
