@@ -111,7 +111,6 @@ class StreamReplay(Finetune):
 @register_method("er")
 class ExperienceReplay(StreamReplay):
     def loss(self, batch, phase, task):
-        self.keep(batch, batch.x)  # ER stores nothing but the rows
         if batch.memory is None:
             return F.cross_entropy(self.train_logits(batch.x), batch.y), {}
         logits = self.train_logits(torch.cat([batch.x, batch.memory.x]))

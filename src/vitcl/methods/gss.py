@@ -52,9 +52,9 @@ class GSS(ExperienceReplay):
         try:
             for b in batches:
                 self._score_batch(policy, b)
-                self.memory.observe(b.index.cpu(), self.scenario.train_labels[b.index.cpu()],
-                                    self.scenario.task_of_label[self.scenario.train_labels[b.index.cpu()]],
-                                    b.position, None)
+                rows = b.index.cpu()
+                labels = self.scenario.train_labels[rows]
+                self.memory.observe(rows, labels, self.scenario.task_of_label[labels], b.position, None)
         finally:
             self.model.train(training)
             self._kept = []
