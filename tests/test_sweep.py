@@ -47,12 +47,17 @@ def test_sequential_2x2_then_report(tmp_path, capsys):
     assert "0 to run" in capsys.readouterr().err
 
 
-def test_local_slots(tmp_path):
-    # two subprocesses at once (a 2x2 grid takes a minute on a loaded 2-core machine: the sequential test has it)
+@pytest.mark.parametrize("slots", [["--slots", "2"], ["--gpus", "0,1"]], ids=["cpu-slots", "gpu-slots"])
+def test_local_launcher_2x2(tmp_path, capsys, slots):
+    # two subprocesses at once; with --gpus each sees only its GPU (CUDA_VISIBLE_DEVICES; on this CPU-only
+    # machine the runs fall back to the CPU, as `run.device: auto` does)
     out = tmp_path / "sw"
-    assert _sweep("--grid", "run.seed=0,1", "--out", str(out), "--launcher", "local", "--slots", "2") == 0
-    assert _states(out) == ["done"] * 2
-    assert len(list((out / "logs").glob("*.log"))) == 2
+    assert _sweep(*GRID, "--out", str(out), "--launcher", "local", *slots) == 0
+    assert _states(out) == ["done"] * 4
+    assert len(list((out / "logs").glob("*.log"))) == 4
+    err = capsys.readouterr().err
+    if slots[0] == "--gpus":
+        assert err.count("on GPU 0") + err.count("on GPU 1") == 4 and "on GPU 1" in err
 
 
 def test_failed_run_listed_and_resume_runs_only_what_is_missing(tmp_path, capsys):
