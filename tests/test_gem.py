@@ -67,7 +67,7 @@ def test_agem_projection_is_the_formula():
     got = agem_project(g, ref)
     torch.testing.assert_close(got, want.double())
     assert abs(float(got @ ref)) < 1e-10
-    assert agem_project(g, -ref) is g  # no conflict: the gradient as it is
+    assert torch.equal(agem_project(g, -ref), g)  # no conflict: the gradient as it is
 
 
 def test_gem_run_steps_with_gradients_that_keep_every_past_task(tmp_path):

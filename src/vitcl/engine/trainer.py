@@ -478,15 +478,15 @@ class Trainer:
             self.state.task_images += size
             if n_steps % CHECK_EVERY == 0:
                 self.check_finite(loss_sum, task, phase, epoch)
-        self.check_finite(loss_sum, task, phase, epoch)
-        return float(loss_sum) / max(n_steps, 1)
+        return self.check_finite(loss_sum, task, phase, epoch) / max(n_steps, 1)
 
-    def check_finite(self, loss_sum: torch.Tensor | float, task, phase: Phase, epoch: int) -> None:
-        """Stop on a NaN or infinite loss (the sum of the epoch's step losses so far: one host read)."""
+    def check_finite(self, loss_sum: torch.Tensor | float, task, phase: Phase, epoch: int) -> float:
+        """Stop on a NaN or infinite loss (the sum of the epoch's step losses so far: one host read); the sum."""
         value = float(loss_sum)
         if not math.isfinite(value):
             raise TrainingError(f"task {task.index} '{phase.name}' epoch {epoch + 1}: the loss is {value}; "
                                 f"stopped, the last checkpoint is {self.ckpt_dir / 'last.pt'}")
+        return value
 
     def memory_batch_rows(self, memory: torch.Tensor | list[tuple[int, torch.Tensor]] | None, size: int,
                           n_micro: int, seed_parts) -> list:

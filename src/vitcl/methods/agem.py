@@ -27,11 +27,9 @@ class AGEMOptions(MethodOptions):
 
 
 def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
-    """g, or its projection onto {v : <v, g_ref> >= 0} when it points against g_ref."""
+    """g, or its projection onto {v : <v, g_ref> >= 0} when it points against g_ref (a masked step: no host read)."""
     dot = g @ g_ref
-    if dot >= 0:
-        return g
-    return g - dot / (g_ref @ g_ref) * g_ref
+    return g - dot.clamp(max=0) / (g_ref @ g_ref) * g_ref
 
 
 @register_method("agem")

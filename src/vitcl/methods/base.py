@@ -134,7 +134,7 @@ class Batch:
     x: torch.Tensor  # augmented, normalised images (B, C, H, W)
     y: torch.Tensor  # labels (class-order positions)
     task: torch.Tensor  # task index of each sample
-    index: torch.Tensor  # row in the scenario's train set (to look up memory extras)
+    index: torch.Tensor  # row in the scenario's train set (to look up memory extras), on the host
     soft: torch.Tensor | None = None  # MixUp/CutMix soft targets over the seen classes, when mixing is on
     from_memory: torch.Tensor | None = None  # bool mask: sample comes from the rehearsal memory
     memory: Batch | None = None  # a separate rehearsal batch, for phases with memory_batch > 0

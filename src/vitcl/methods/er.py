@@ -96,7 +96,7 @@ class StreamReplay(Finetune):
     def after_step(self, batches: list[Batch], phase: Phase, task, step: StepInfo) -> None:
         kept, self._kept = self._kept, []
         labels = self.scenario.train_labels
-        rows = torch.cat([b.index.cpu() for b in batches])
+        rows = torch.cat([b.index for b in batches])  # on the host
         positions = torch.cat([b.position for b in batches if b.position is not None])
         extras = {k: torch.cat([e[k] for e in kept]) for k in kept[0]} if kept and kept[0] else {}
         if distributed.world_size() > 1:  # every process streams the whole global batch, in position order

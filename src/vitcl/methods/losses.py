@@ -169,8 +169,9 @@ def task_cross_entropy(logits: torch.Tensor, batch: Batch, offset: int,
     y, soft = task_targets(batch.y, batch.soft, offset, logits.shape[1])
     if soft is not None:
         return soft_cross_entropy(logits[:, offset:], soft)
-    if bool((y < 0).any()):
-        raise ValueError("task_cross_entropy: a row of an old class has no target among the current task's classes")
+    # checked on the device, without a host read (on a GPU it fails at a later kernel)
+    torch._assert_async((y >= 0).all(), "task_cross_entropy: a row of an old class has no target among the current "
+                                        "task's classes")
     return F.cross_entropy(logits[:, offset:], y)
 
 
@@ -194,13 +195,12 @@ def hard_negative_margin_ranking(cosines: torch.Tensor, y: torch.Tensor, n_old: 
     """UCIR's inter-class separation: for each row of an old class (y < n_old), its own class's cosine against
     the k highest cosines among the new classes (columns n_old:), mean over those rows and k of
     max(0, margin - cos_own + cos_hard); zero when the batch has no old-class row."""
-    rows = y < n_old
-    if not bool(rows.any()):
-        return cosines.sum() * 0.0
-    c = cosines[rows].float()
-    own = c.gather(1, y[rows][:, None])
+    rows = (y < n_old).float()  # a mask, not a selection: no host read of how many rows there are
+    c = cosines.float()
+    own = c.gather(1, y[:, None].clamp(max=c.shape[1] - 1))
     hard = c[:, n_old:].topk(min(k, c.shape[1] - n_old), dim=1).values
-    return (margin - own + hard).clamp(min=0).mean()
+    terms = (margin - own + hard).clamp(min=0) * rows[:, None]
+    return terms.sum() / (rows.sum() * hard.shape[1]).clamp(min=1.0)
 
 
 def stored_logits_mse(logits: torch.Tensor, stored: torch.Tensor, n_stored: torch.Tensor) -> torch.Tensor:

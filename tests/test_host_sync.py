@@ -1,0 +1,160 @@
+"""No host synchronisation inside a training step (issue: the GPU path at full speed).
+
+A device-to-host read stalls the GPU's queue: `Tensor.item`, `float(t)`, `bool(t)`, `int(t)`, `.tolist()`,
+`.numpy()`, `.cpu()`. During a few training steps of every method, each of those called from vitcl's own code is
+counted, except at the engine's read points (the progress line and the finite-loss check, every CHECK_EVERY steps)
+and the integer reads of the data layer's bookkeeping, whose indices live on the host. Reads that torch makes inside its own functions on host
+tensors (the optimiser's step counters) are not vitcl's and are not counted; syncs that no Python call shows
+(boolean-mask indexing, nonzero) are what `torch.cuda.set_sync_debug_mode("error")` finds on a GPU (the last test).
+
+GEM and GSS are exempt by their definitions: GEM solves its quadratic program on the host with quadprog when a
+constraint is violated, and GSS scores each streamed sample against the memory on the host; each is listed with
+the reads it makes.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitcl.api import prepare_run
+from vitcl.engine import trainer as trainer_module
+from vitcl.engine.progress import Progress
+
+READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+PACKAGE = str(Path(trainer_module.__file__).resolve().parents[1])
+# the data layer's bookkeeping, whose indices, labels and masks over them live on the host: there, reads of
+# integer and bool tensors are not syncs (a floating tensor there is a model's output: its read counts)
+HOST_SIDE = tuple(str(Path(PACKAGE) / "data" / f) for f in ("stream.py", "stream_memory.py", "memory.py"))
+
+DATA = ["data.train_per_class=12", "data.test_per_class=4", "train.epochs=1", "train.batch_size=8",
+        "train.warmup_epochs=0", "eval.batch_size=64", "train.max_batches=3", "run.threads=1"]
+VIT = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
+CONVIT = ["model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.local_up_to_layer=1"]
+RESNET = ["model.width=8"]
+# each method's tiny digits run (two tasks: the second has a teacher, a memory, old classes)
+PRESETS = {m: VIT for m in ("finetune", "replay", "joint")}
+PRESETS |= {m: RESNET for m in ("lwf", "ewc", "icarl", "ucir", "wa", "bic", "podnet", "e2e", "der", "er", "dark-er",
+                                "dark-er-pp", "agem", "fdr", "gem", "gss")}
+PRESETS |= {"dytox": CONVIT, "lpa": [*CONVIT, "method.kd_samples=memory"], "lpa-baseline": CONVIT,
+            "lvt": ["model.dims=[8,16]"]}
+# the task-IL family, on digits split into two tasks with a head each
+TASK_IL = ["data.setting=task-il", "data.class_order=null", "model.name=resnet18", "model.stem=cifar", *RESNET,
+           "data.augment.crop_padding=0"]
+PRESETS |= {m: [f"method.name={m}", *TASK_IL] for m in ("multi-head", "rkr", "piggyback", "mask-rkr", "single")}
+# the reads a method makes by its definition (see the module's docstring): file name -> allowed count
+EXEMPT = {"gem": "gem.py", "gss": "gss.py"}
+
+
+class HostReads:
+    """Counts the reads above made from vitcl's code while `active`, with where each was made."""
+
+    def __init__(self):
+        self.active, self.calls = False, []
+
+    def wrap(self, name, original):
+        def counted(tensor, *args, **kwargs):
+            if self.active:
+                frame = sys._getframe(1)
+                where = frame.f_code.co_filename
+                host_side = where in HOST_SIDE and not (tensor.is_floating_point() or tensor.is_complex())
+                if where.startswith(PACKAGE) and not host_side:
+                    self.calls.append(f"{name} at {Path(where).name}:{frame.f_lineno}")
+            return original(tensor, *args, **kwargs)
+        return counted
+
+    @contextlib.contextmanager
+    def paused(self):
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    reads = HostReads()
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, reads.wrap(name, getattr(torch.Tensor, name)))
+    train_epoch, check_finite, draw = (trainer_module.Trainer.train_epoch, trainer_module.Trainer.check_finite,
+                                       Progress._draw)
+
+    def counted_epoch(self, *args, **kwargs):
+        reads.active = True
+        try:
+            return train_epoch(self, *args, **kwargs)
+        finally:
+            reads.active = False
+
+    def read_point(fn):
+        def at_read_point(*args, **kwargs):
+            with reads.paused():
+                return fn(*args, **kwargs)
+        return at_read_point
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", counted_epoch)
+    monkeypatch.setattr(trainer_module.Trainer, "check_finite", read_point(check_finite))
+    monkeypatch.setattr(Progress, "_draw", read_point(draw))
+    return reads
+
+
+def tiny_run(tmp_path, method: str, device: str = "cpu") -> None:
+    preset = "finetune/digits-b0inc2" if f"method.name={method}" in PRESETS[method] else f"{method}/digits-b0inc2"
+    overrides = [*DATA, *PRESETS[method], "data.increment=5", f"run.out_dir={tmp_path}", "run.name=r",
+                 f"run.device={device}"]
+    trainer = prepare_run([preset], overrides, progress=False, announce=False)
+    trainer.fit()
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_no_host_read_in_a_training_step(tmp_path, host_reads, method):
+    tiny_run(tmp_path, method)
+    calls = host_reads.calls
+    if method in EXEMPT:
+        calls = [c for c in calls if f" at {EXEMPT[method]}:" not in c]
+    assert calls == [], f"{method}: host reads inside training steps: {sorted(set(calls))}"
+
+
+def test_the_counter_sees_a_read(host_reads):
+    # the check itself: each read made from a file of the package is counted while active, none while paused
+    code = compile("float(t); bool(t > 0); t.item(); t.cpu(); t.tolist()", f"{PACKAGE}/probe.py", "exec")
+    t = torch.tensor(1.0)
+    exec(code, {"t": t})
+    assert host_reads.calls == []
+    host_reads.active = True
+    with host_reads.paused():
+        exec(code, {"t": t})
+    assert host_reads.calls == []
+    exec(code, {"t": t})
+    float(t)  # from the tests' own code: not vitcl's
+    host_reads.active = False
+    assert [c.split(" at ")[0] for c in host_reads.calls] == ["__float__", "__bool__", "item", "cpu", "tolist"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["finetune", "dytox", "er", "dark-er-pp", "icarl"])
+def test_no_sync_on_cuda(tmp_path, method, monkeypatch):
+    train_epoch = trainer_module.Trainer.train_epoch
+    check_finite = trainer_module.Trainer.check_finite
+
+    def strict_epoch(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return train_epoch(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def read_point(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return check_finite(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", strict_epoch)
+    monkeypatch.setattr(trainer_module.Trainer, "check_finite", read_point)
+    tiny_run(tmp_path, method, device="cuda")
