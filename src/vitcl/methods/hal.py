@@ -60,9 +60,9 @@ def anchor_objective(tuned_logits: torch.Tensor, logits: torch.Tensor, feats: to
                      labels: torch.Tensor, gamma: float) -> torch.Tensor:
     """J per anchor: the forgetting proxy CE(theta_M) - CE(theta) minus gamma times the squared distance of the
     anchor's features to its mean. Anchors ascend it."""
-    forgetting = (F.cross_entropy(tuned_logits.float(), labels, reduction="none")
-                  - F.cross_entropy(logits.float(), labels, reduction="none"))
-    return forgetting - gamma * ((feats.float() - means) ** 2).sum(1)
+    forgetting = (F.cross_entropy(tuned_logits, labels, reduction="none")
+                  - F.cross_entropy(logits, labels, reduction="none"))
+    return forgetting - gamma * ((feats - means) ** 2).sum(1)
 
 
 @register_method("hal")
