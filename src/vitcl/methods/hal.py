@@ -124,8 +124,8 @@ class HAL(StreamReplay):
         counts = torch.zeros(len(self.means), device=feats.device).index_add_(0, groups, torch.ones_like(feats[:, 0]))
         distributed.all_reduce_sum(sums)
         distributed.all_reduce_sum(counts)
-        hit = counts > 0
-        self.means[hit] = self.opts.beta * self.means[hit] + (1 - self.opts.beta) * sums[hit] / counts[hit, None]
+        decayed = self.opts.beta * self.means + (1 - self.opts.beta) * sums / counts.clamp(min=1)[:, None]
+        self.means = torch.where(counts[:, None] > 0, decayed, self.means)  # no host read: no sync per step
 
     # ------------------------------------------------------------------ anchors at the task's end
     def consolidate(self, task, ctx):
