@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (registration)
     finetune,
     gem,
     gss,
+    hal,
     icarl,
     joint,
     lpa,
