@@ -1,14 +1,15 @@
 """A minimal torchvision stand-in, for tests only, so that timm (installed with `pip install --no-deps timm`) can be
 imported where the real torchvision is absent or broken (PyPI's torchvision is a CUDA build that fails to import next
-to CPU torch). It holds exactly the names that `import timm` (1.0.31) reads at import time: timm's data transforms
-subclass `transforms.ToTensor`, its norm layers import `ops.misc.FrozenBatchNorm2d`, and its dataset factory imports
-six dataset classes, and its transforms name `transforms.functional.InterpolationMode`. What timm imports from
-torchvision inside try/except (the feature extraction helpers, the rarer datasets) is left out on purpose, so timm
-takes its own fallbacks. Nothing here works:
-calling a stand-in raises, so a test that strays into torchvision's functionality fails loudly."""
+to CPU torch). It holds exactly the names that `import timm` (1.0.31) reads at import time: its data transforms
+subclass `transforms.ToTensor` and key tables by `transforms.functional.InterpolationMode`, its norm layers import
+`ops.misc.FrozenBatchNorm2d`, its dataset factory imports six dataset classes. What timm imports from torchvision
+inside try/except (the feature extraction helpers, the rarer datasets) is left out, so timm takes its own fallbacks.
+FrozenBatchNorm2d works (timm may build it); the transform and dataset classes raise when built, so a test that
+strays into torchvision's functionality fails loudly. The stand-in is in sys.modules only while timm imports."""
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -70,12 +71,12 @@ def modules() -> dict[str, types.ModuleType]:
     for name in ("", ".ops", ".ops.misc", ".transforms", ".transforms.functional", ".datasets"):
         full = NAME + name
         mod = types.ModuleType(full, "tests/torchvision_standin.py: not torchvision")
+        mod.__spec__ = importlib.machinery.ModuleSpec(full, None, is_package=True)
         mod.__path__ = []  # a package, so that its children import
         made[full] = mod
         if name:
             parent, _, child = full.rpartition(".")
             setattr(made[parent], child, mod)
-    made["torchvision"].__version__ = "0.0+standin"  # type: ignore[attr-defined]
     made["torchvision.ops.misc"].FrozenBatchNorm2d = FrozenBatchNorm2d  # type: ignore[attr-defined]
     made["torchvision.transforms"].ToTensor = _unavailable("torchvision.transforms.ToTensor")  # type: ignore[attr-defined]
     made["torchvision.transforms.functional"].InterpolationMode = InterpolationMode  # type: ignore[attr-defined]
@@ -84,23 +85,23 @@ def modules() -> dict[str, types.ModuleType]:
     return made
 
 
-def install() -> bool:
-    """Put the stand-in into sys.modules unless a working torchvision is there; True when it was installed."""
-    if NAME in sys.modules and getattr(sys.modules[NAME], "__version__", "") == "0.0+standin":
-        return True
-    if real_torchvision_works():
-        return False
-    sys.modules.update(modules())
-    return True
-
-
 def timm_importable() -> str | None:
-    """None when timm imports (with the stand-in where needed), else why not: the reason a test skips with."""
+    """Import timm, with the stand-in in sys.modules only while it imports when no working torchvision is there:
+    timm keeps the names it took, and later code that looks for torchvision (tests/timm_transforms.py) finds none.
+    None when timm imports, else why not: the reason a test skips with."""
+    if "timm" in sys.modules:
+        return None
     if importlib.util.find_spec("timm") is None:
         return "timm is not installed: pip install --no-deps timm==1.0.31 (see .ci/run)"
-    install()
+    standin = {} if real_torchvision_works() else modules()
+    sys.modules.update(standin)
     try:
         importlib.import_module("timm")
     except Exception as exc:  # a timm that needs more of torchvision than the stand-in has
+        for name in [n for n in sys.modules if n == "timm" or n.startswith("timm.")]:
+            del sys.modules[name]
         return f"timm does not import even with the torchvision stand-in: {type(exc).__name__}: {exc}"
+    finally:
+        for name in standin:
+            del sys.modules[name]
     return None

@@ -11,11 +11,13 @@ a mapping of our options onto timm's constructor."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import ConfigError
 from .registry import register_model
 from .timm_backbone import require_timm
 
+T = TypeVar("T")
 HEADS = 8  # timm's default relative-position windows split the heads 2 + 3 + 3 over 3x3, 5x5 and 7x7 kernels
 
 
@@ -49,6 +51,12 @@ class CoaTOptions:
             raise ConfigError(f"{key}.serial_depths/parallel_depth/patch_size: expected >= 1, >= 0, >= 1")
 
 
+def four(values: list[T]) -> tuple[T, T, T, T]:
+    """One value per scale, as the 4-tuple timm's signature names."""
+    a, b, c, d = values
+    return a, b, c, d
+
+
 @register_model("coat")
 class CoaT:
     """The registry entry: it builds timm's CoaT (no instance of this class) without a classifier, so the model's
@@ -65,9 +73,9 @@ class CoaT:
             raise ConfigError(f"model.patch_size: the image size {img_size} must be a multiple of "
                               f"8 x patch_size ({opts.patch_size * 8}): three more scales each halve the grid")
         model = TimmCoaT(img_size=img_size, patch_size=opts.patch_size, in_chans=in_chans, num_classes=0,
-                        embed_dims=tuple(opts.embed_dims), serial_depths=tuple(opts.serial_depths),
+                        embed_dims=four(opts.embed_dims), serial_depths=four(opts.serial_depths),
                         parallel_depth=opts.parallel_depth, num_heads=opts.num_heads,
-                        mlp_ratios=tuple(opts.mlp_ratios), qkv_bias=opts.qkv_bias, attn_drop_rate=opts.attn_drop,
+                        mlp_ratios=four(opts.mlp_ratios), qkv_bias=opts.qkv_bias, attn_drop_rate=opts.attn_drop,
                         drop_path_rate=opts.drop_path)
         # timm sizes the later scales' patch embeddings for a first patch of 4 (img_size // 4, // 8, // 16)
         side = img_size // opts.patch_size
