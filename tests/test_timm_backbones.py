@@ -172,3 +172,13 @@ def test_fmnist_backbone_presets_are_er_with_the_equal_count_backbones():
         cfg, _ = load_config([f"er/fashion-mnist-b0inc2-{family}"])
         assert cfg.model.name == family and cfg.method == base.method and cfg.train == base.train
         assert cfg.memory == base.memory and cfg.data == base.data
+
+
+@pytest.mark.parametrize("split", ["5tasks-m200", "10tasks-m500", "20tasks-m200"])
+def test_cifar_backbone_presets_are_er_with_the_8_9m_backbones(split):
+    base, _ = load_config([f"er/cifar100-{split}"])
+    for family in ("vit", "levit", "coat", "cct"):  # cvt's configs come with its model
+        cfg, _ = load_config([f"er/cifar100-{split}-{family}"])
+        want, _ = load_config([f"er/cifar100-{split}", f"base/{family}-cifar-8.9m"])
+        assert cfg.model == want.model and cfg.model.name == family
+        assert (cfg.method, cfg.memory, cfg.train, cfg.data) == (base.method, base.memory, base.train, base.data)
