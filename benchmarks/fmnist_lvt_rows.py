@@ -13,8 +13,9 @@ The methods that rehearse through a memory batch (ER, DER, DER++, GSS, A-GEM, FD
 on the task's 600 images, each with a memory batch of 32; replay and iCaRL train on the task's images and the
 memory together (25 steps at memory 200, 35 at 500); GEM uses its memory for its constraints. The rehearsal rows
 train a ResNet-18 of width 16 with the CIFAR stem (`base/small-resnet18`); LVT its small LVT. The backbone rows
-run ER at memory 200 on the `replay/fashion-mnist-b0inc2-<backbone>` presets, whose backbones have equal
-parameter counts. CPU: seconds of CPU time of the run's process, one torch thread.
+run the `er/fashion-mnist-b0inc2-<backbone>` presets (ER at memory 200, reservoir), whose backbones have the
+ResNet's parameter count within 5% (`base/<backbone>-fmnist-0.7m`; LeViT and CoaT need `pip install 'vitcl[timm]'`
+and a torchvision that imports). CPU: seconds of CPU time of the run's process, one torch thread.
 """
 from __future__ import annotations
 
@@ -103,9 +104,8 @@ def main() -> None:
                     for s in seeds]
             groups.append((method, "lvt" if method == "lvt" else "resnet18", mem, jobs))
     for bb in [b for b in args.backbones.split(",") if b]:
-        jobs = [(f"er-{bb}-m200-seed{s}", f"replay/fashion-mnist-b0inc2-{bb}",
-                 ["method.name=er", *PROTOCOL, "memory.size=200", "memory.selection=reservoir", f"run.seed={s}",
-                  *extra], out) for s in seeds]
+        jobs = [(f"er-{bb}-m200-seed{s}", f"er/fashion-mnist-b0inc2-{bb}",
+                 [*PROTOCOL, f"run.seed={s}", *extra], out) for s in seeds]
         groups.append(("er", bb, "200", jobs))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [(m, bb, mem, [pool.submit(run, job) for job in jobs]) for m, bb, mem, jobs in groups]

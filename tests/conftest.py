@@ -1,5 +1,8 @@
-"""Test setup: import the package from this checkout's src/ (also when another checkout is installed), and keep
-torch to a couple of threads so the suite behaves the same on a 2-core CI machine."""
+"""Test setup: import the package from this checkout's src/ (also when another checkout is installed), keep torch to
+a couple of threads so the suite behaves the same on a 2-core CI machine, and, where timm is installed but no working
+torchvision is, import timm with the tests' torchvision stand-in in its place (tests/torchvision_standin.py; the
+stand-in leaves sys.modules once timm has imported, and the package itself never sees it)."""
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,6 +14,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+if importlib.util.find_spec("timm") is not None:
+    import torchvision_standin  # noqa: E402  (tests/ is on sys.path, as for helpers)
+
+    torchvision_standin.timm_importable()
 
 
 @pytest.fixture

@@ -20,6 +20,18 @@ class TimmOptions:
     pretrained: str | None = None  # a local state dict in timm's names (no download)
 
 
+def require_timm(model: str):
+    """The timm package, or the one-line error that says how to get it (an absent or broken torchvision, which timm
+    imports, fails here too)."""
+    try:
+        import timm
+    except (ImportError, OSError, RuntimeError) as exc:
+        why = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"model.name: '{model}' needs the optional timm package, which did not import "
+                          f"({type(exc).__name__}: {why}): pip install 'vitcl[timm]'") from None
+    return timm
+
+
 def timm_family(arch: str) -> str:
     """Which of our backbones' layer names a timm architecture shares (for the surgery's default layers)."""
     if arch.startswith("swin"):
@@ -38,10 +50,7 @@ class TimmBackbone:
 
     @classmethod
     def from_options(cls, opts: TimmOptions, img_size: int, in_chans: int):
-        try:
-            import timm
-        except ImportError:
-            raise ConfigError("model.name: 'timm' needs the optional timm package: pip install 'vitcl[timm]'") from None
+        timm = require_timm("timm")
         kwargs = dict(opts.kwargs)
         if timm_family(opts.arch) in ("vit", "swin"):
             kwargs.setdefault("img_size", img_size)
