@@ -38,7 +38,7 @@ RESNET = ["model.width=8"]
 # each method's tiny digits run (two tasks: the second has a teacher, a memory, old classes)
 PRESETS = {m: VIT for m in ("finetune", "replay", "joint")}
 PRESETS |= {m: RESNET for m in ("lwf", "ewc", "icarl", "ucir", "wa", "bic", "podnet", "e2e", "der", "er", "dark-er",
-                                "dark-er-pp", "agem", "fdr", "gem", "gss")}
+                                "dark-er-pp", "agem", "fdr", "gem", "gss", "hal")}
 PRESETS |= {"dytox": CONVIT, "lpa": [*CONVIT, "method.kd_samples=memory"], "lpa-baseline": CONVIT,
             "lvt": ["model.dims=[8,16]"]}
 # the task-IL family, on digits split into two tasks with a head each
