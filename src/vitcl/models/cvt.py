@@ -52,10 +52,13 @@ class CvTOptions:
         for d, h in zip(self.dims, self.heads):
             if h < 1 or d % h:
                 raise ConfigError(f"{key}.heads: {h} heads do not divide the stage width {d}")
-        if min(self.depths) < 1 or min(self.patch_sizes) < 1 or min(self.patch_strides) < 1:
-            raise ConfigError(f"{key}.depths/patch_sizes/patch_strides: expected positive values")
-        if min(self.patch_paddings) < 0 or self.kv_stride < 1:
-            raise ConfigError(f"{key}.patch_paddings/kv_stride: expected paddings >= 0 and a stride >= 1")
+        for name in ("depths", "patch_sizes", "patch_strides"):
+            if min(getattr(self, name)) < 1:
+                raise ConfigError(f"{key}.{name}: expected positive values, got {getattr(self, name)}")
+        if min(self.patch_paddings) < 0:
+            raise ConfigError(f"{key}.patch_paddings: expected values >= 0, got {self.patch_paddings}")
+        if self.kv_stride < 1:
+            raise ConfigError(f"{key}.kv_stride: expected a stride >= 1, got {self.kv_stride}")
         if not all(0.0 <= p < 1.0 for p in self.drop_path):
             raise ConfigError(f"{key}.drop_path: expected rates in [0, 1), got {self.drop_path}")
         if not -n <= self.cls_stage < n:
