@@ -24,7 +24,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (a method's compile_modules: DyTox its encoder and decoder)
+    compile_backend: str = "inductor"  # torch.compile's backend (eager / aot_eager: dynamo without code generation)
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     progress: bool = True
     # where metrics go besides metrics.jsonl (always written): tensorboard, wandb, csv (eval/loggers.py)

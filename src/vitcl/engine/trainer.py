@@ -118,7 +118,8 @@ class Trainer:
         method_cls = METHODS.get(cfg.method.name, "method.name")
         self.method: Method = method_cls(cfg, self.scenario, self.device)
         if cfg.run.compile:
-            self.method.model.compile()
+            for module in self.method.compile_modules():
+                module.compile(backend=cfg.run.compile_backend)
         self.augment = BatchAugment(cfg.data.augment, self.scenario.mean, self.scenario.std,
                                     self.scenario.train.channels)
         self.train_stream = BatchStream(self.scenario.train, self.device, cfg.data.num_workers,

@@ -316,6 +316,12 @@ class Method(Generic[O]):
         self.load_extra_state(state["extra"])
         self.task_index, self.seen = state["task_index"], state["seen"]
 
+    def compile_modules(self) -> list[nn.Module]:
+        """What `run.compile` compiles (once per run): the model's `compile_modules()` where it has them (the parts
+        that do not change per task), else the whole model."""
+        parts = getattr(self.model, "compile_modules", None)
+        return parts() if callable(parts) else [self.model]
+
     def inference_modules(self) -> nn.Module:
         """What the parameter count covers: the model used at test time (training-only heads excluded)."""
         return self.model

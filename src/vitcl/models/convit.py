@@ -131,6 +131,8 @@ class GPSA(nn.Module):
     def relative_indices(self, n: int, device) -> torch.Tensor:
         r = self.rel_indices
         dtype = self.pos_proj.weight.dtype
+        if torch.compiler.is_compiling():  # a constant of the graph: caching it would mutate a buffer (a recompile)
+            return relative_positions(_grid_of(n), device).to(dtype)
         if r is None or r.shape[0] != n or r.device != device or r.dtype != dtype:
             r = relative_positions(_grid_of(n), device).to(dtype)
             self.rel_indices = r
@@ -205,6 +207,9 @@ class ClassAttention(nn.Module):
 
     def token_mask(self, t: int, n: int, device) -> torch.Tensor:
         """(T, T + N) bool, True where query token i may attend: itself and every patch."""
+        if torch.compiler.is_compiling():  # built in the graph, for any T: a cache keyed by T would fix it
+            cols = torch.arange(t + n, device=device)
+            return (cols[None, :] == torch.arange(t, device=device)[:, None]) | (cols[None, :] >= t)
         key = (t, n, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:

@@ -82,7 +82,15 @@ class DyToxNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C): the task embeddings e_1 .. e_T (raw TAB outputs; no final norm); (B, 1, C) shared token."""
-        return self.decoder(self.tokens(), self.encoder(x))
+        tokens = self.tokens()
+        if tokens.shape[1] > 1:  # a compiled decoder: one graph for every task count from 2 on, not one per task
+            torch._dynamo.maybe_mark_dynamic(tokens, 1)
+        return self.decoder(tokens, self.encoder(x))
+
+    def compile_modules(self) -> list[nn.Module]:
+        """What `run.compile` compiles: the encoder and the decoder, which every task shares; the tokens and heads
+        that grow per task stay eager."""
+        return [self.encoder, self.decoder]
 
     def forward_head(self, emb: torch.Tensor) -> torch.Tensor:
         """Logits over all seen classes: each task's classifier on its own token (on the one token when it is

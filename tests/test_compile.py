@@ -1,0 +1,53 @@
+"""run.compile: a compiled DyTox compiles its shared encoder and decoder once per run, not once per task.
+
+The bound this design allows, for any number of tasks: one graph per kind of call of each compiled module (a
+training step, a training step with the encoder frozen (the balanced fine-tuning), a call without gradients
+(evaluation, the teacher)), and for the decoder one set with one task token and one with the token count dynamic
+(2 and up): at most 3 encoder graphs + 6 decoder graphs. Counted with dynamo's own counter (backend `eager`: dynamo
+traces, no code generation, so the test takes seconds)."""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from vitcl.api import prepare_run
+from vitcl.engine import trainer as trainer_module
+
+TINY = ["data.train_per_class=12", "data.test_per_class=6", "train.epochs=1", "train.batch_size=8",
+        "train.warmup_epochs=0", "eval.batch_size=64", "train.max_batches=3", "run.threads=1", "run.device=cpu",
+        "model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.local_up_to_layer=1",
+        "data.increment=[5,1,1,1,1,1]"]
+BOUND = 3 + 6
+
+
+def graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def six_tasks(tmp_path, name, compile_on, monkeypatch):
+    per_task = []
+    finish = trainer_module.Trainer.finish_task
+
+    def counted(self, task, seconds):
+        finish(self, task, seconds)
+        per_task.append(graphs())
+
+    monkeypatch.setattr(trainer_module.Trainer, "finish_task", counted)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = prepare_run(["dytox/digits-b0inc2"], [*TINY, f"run.compile={str(compile_on).lower()}",
+                                                    "run.compile_backend=eager", f"run.out_dir={tmp_path}",
+                                                    f"run.name={name}"], progress=False, announce=False)
+    return trainer.fit(), per_task
+
+
+def test_compiled_dytox_does_not_recompile_per_task(tmp_path, monkeypatch):
+    eager, _ = six_tasks(tmp_path, "eager", False, monkeypatch)
+    compiled, per_task = six_tasks(tmp_path, "compiled", True, monkeypatch)
+    assert len(per_task) == 6
+    # tasks 1 and 2 meet every kind of call (the second has the fine-tuning and 2 tokens); later tasks add none
+    assert per_task[1] == per_task[-1] <= BOUND, per_task
+    for section in ("class_il", "task_il"):
+        for got, want in zip(compiled[section]["acc_matrix"], eager[section]["acc_matrix"]):
+            assert got == pytest.approx(want, abs=1e-6, nan_ok=True)
+    assert compiled["class_il"]["acc_matrix"] != [] and per_task[0] > 0
