@@ -20,6 +20,7 @@ LAYERS = {
     "eval": 3,
     "engine": 4,
     "runconfig": 5,
+    "bench": 5.5,  # run building: a method's step on random images, for `vitcl bench`
     "sweep": 5.5,  # run building: grids of runs and their report
     "api": 5.7,  # vitcl.run / load_run / report: below the command line, which shares its run setup
     "cli": 6, "__main__": 7, "__init__": 7,

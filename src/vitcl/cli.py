@@ -373,6 +373,24 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    from .errors import ConfigError
+
+    sources, overrides = _split_args(args.items)
+    if not sources:
+        raise ConfigError("vitcl bench: name a preset, e.g. vitcl bench dytox/cifar100-b0inc10")
+    try:
+        tasks = [int(t) for t in args.tasks.split(",")]
+    except ValueError:
+        raise ConfigError(f"--tasks: expected task counts such as 1,10,50, got '{args.tasks}'") from None
+    compile_modes = [False, True] if args.compile == "both" else [args.compile == "on"]
+    _, table = run_bench(sources, overrides, tasks, args.precision.split(","), compile_modes, args.batch,
+                         args.steps, args.warmup, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table)
+    return 0
+
+
 def cmd_datasets(args) -> int:
     import shutil
     import textwrap
@@ -492,6 +510,17 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
                    help="the (M) column: truncated like DyTox's tables (default) or rounded like the Mask-RKR table")
     r.set_defaults(fn=cmd_params)
+    r = sub.add_parser("bench", help="images/s of a training step and of inference, and peak memory, after 1, 10, "
+                                     "50 tasks, from random images of the preset's shape")
+    r.add_argument("items", nargs="+", help="PRESET|FILE.yaml ... key.sub=value ...")
+    r.add_argument("--tasks", default="1,10,50", help="task counts (default: 1,10,50)")
+    r.add_argument("--precision", default="fp32", help="fp32, bf16 or fp32,bf16 (default: fp32)")
+    r.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="torch.compile the method's compile_modules (--compile both: a row each)")
+    r.add_argument("--batch", type=int, default=None, help="images per step (default: the preset's train.batch_size)")
+    r.add_argument("--steps", type=int, default=10, help="timed steps per row (default: 10)")
+    r.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    r.set_defaults(fn=cmd_bench)
     r = sub.add_parser("datasets", help="list data sources and whether their files are found")
     r.add_argument("--data-root", default=None, help="look only under this folder, as data.root does in a run")
     r.add_argument("--verify", metavar="NAME", default=None,

@@ -1,0 +1,46 @@
+"""vitcl bench: a method's full training step and inference on random images of the preset's shape."""
+import pytest
+
+from vitcl import cli
+from vitcl.bench import bench_config, run_bench
+
+TINY = ["model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.local_up_to_layer=1", "run.threads=1"]
+
+
+def test_rows_per_task_count_and_precision(capsys):
+    assert cli.main(["bench", "dytox/digits-b0inc2", *TINY, "--tasks", "1,5", "--precision", "fp32,bf16",
+                     "--steps", "1", "--warmup", "0", "--batch", "4"]) == 0
+    out = capsys.readouterr()
+    table = [line for line in out.out.splitlines() if line.startswith("| ") and not line.startswith("| tasks")]
+    assert [row.split(" | ")[:3] for row in table] == [["| 1", "2", "fp32"], ["| 1", "2", "bf16"],
+                                                       ["| 5", "10", "fp32"], ["| 5", "10", "bf16"]]
+    assert all(float(row.split(" | ")[4].replace(",", "")) > 0 for row in table)
+    assert out.err.count("# ") == 4  # a line per row as it is measured
+
+
+def test_the_increment_shrinks_to_reach_the_task_count():
+    cfg, scenario = bench_config(["dytox/digits-b0inc2"], [], 10)  # 5 tasks of 2 -> 10 tasks of 1
+    assert len(scenario) == 10 and cfg.data.increment == 1
+    _, scenario = bench_config(["dytox/digits-b0inc2"], [], 3)  # enough tasks already: the preset's own
+    assert len(scenario) == 5
+
+
+def test_the_rehearsal_batch_rides_along():
+    rows, table = run_bench(["er/digits-b0inc2"], ["model.width=8", "run.threads=1", "method.memory_batch=3"], [2],
+                            ["fp32"], [False], 4, 1, 0, say=lambda _: None)
+    assert rows[0].tasks == 2 and rows[0].memory_batch == 3 and "| 2 | 4 | fp32 | off |" in table
+    # DER reads the logits stored with each memory row: random rows have none, so its steps run without
+    rows, _ = run_bench(["dark-er/digits-b0inc2"], ["model.width=8", "run.threads=1"], [2], ["fp32"], [False],
+                        4, 1, 0, say=lambda _: None)
+    assert rows[0].memory_batch == 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--tasks", "1,x"], "--tasks: expected task counts"),
+    (["--tasks", "11"], "11 tasks need at least 11 classes"),
+    (["--precision", "fp16"], "--precision: expected fp32 or bf16"),
+])
+def test_bad_arguments_are_one_line(capsys, args, expected):
+    assert cli.main(["bench", "dytox/digits-b0inc2", *TINY, *args, "--steps", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
