@@ -51,3 +51,24 @@ def test_compiled_dytox_does_not_recompile_per_task(tmp_path, monkeypatch):
         for got, want in zip(compiled[section]["acc_matrix"], eager[section]["acc_matrix"]):
             assert got == pytest.approx(want, abs=1e-6, nan_ok=True)
     assert compiled["class_il"]["acc_matrix"] != [] and per_task[0] > 0
+
+
+def test_fast_overlay_on_a_preset_and_the_presets_keep_fp32():
+    from vitcl.runconfig import load_config
+    plain, _ = load_config(["dytox/cifar100-b0inc10"], [])
+    assert (plain.run.precision, plain.run.compile, plain.run.tf32, plain.run.channels_last) == ("fp32", False,
+                                                                                               False, False)
+    fast, _ = load_config(["dytox/cifar100-b0inc10", "overlays/fast"], [])
+    assert (fast.run.precision, fast.run.compile, fast.run.tf32, fast.run.channels_last) == ("bf16", True, True, True)
+    assert fast.eval.batch_size == 1024 and fast.method == plain.method and fast.train == plain.train
+
+
+def test_channels_last_gives_the_same_run(tmp_path):
+    from vitcl.api import run
+    tiny = {"data.train_per_class": 12, "data.test_per_class": 6, "train.epochs": 1, "train.max_batches": 2,
+            "model.width": 8, "run.threads": 1, "data.increment": 5}
+    a = run(["icarl/digits-b0inc2"], overrides=tiny, out_dir=tmp_path, name="a", progress=False)
+    b = run(["icarl/digits-b0inc2"], overrides={**tiny, "run.channels_last": True}, out_dir=tmp_path, name="b",
+            progress=False)
+    for got, want in zip(b.matrix("class_il"), a.matrix("class_il")):
+        assert got == pytest.approx(want, abs=1e-6, nan_ok=True)

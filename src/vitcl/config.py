@@ -26,6 +26,8 @@ class RunConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the model (a method's compile_modules: DyTox its encoder and decoder)
     compile_backend: str = "inductor"  # torch.compile's backend (eager / aot_eager: dynamo without code generation)
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions (faster, 10-bit mantissa; the presets keep full fp32)
+    channels_last: bool = False  # the model's 4-d weights and the images in channels-last layout (CNN backbones)
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     progress: bool = True
     # where metrics go besides metrics.jsonl (always written): tensorboard, wandb, csv (eval/loggers.py)

@@ -117,6 +117,9 @@ class Trainer:
         self.scenario = build_scenario(cfg.data)
         method_cls = METHODS.get(cfg.method.name, "method.name")
         self.method: Method = method_cls(cfg, self.scenario, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.run.tf32
         if cfg.run.compile:
             for module in self.method.compile_modules():
                 module.compile(backend=cfg.run.compile_backend)
@@ -296,6 +299,8 @@ class Trainer:
                 torch.manual_seed(stable_seed(cfg.run.seed, t, "begin"))
                 self.method.begin_task(task)
                 s.begun = True
+            if cfg.run.channels_last:  # what the task added (DER's new backbone) too
+                self.method.model.to(memory_format=torch.channels_last)
             phases = self.method.phases(task)
             mem_at = next((i for i, p in enumerate(phases) if p.data == "memory"), len(phases))
             for p in range(s.phase, len(phases)):
@@ -524,6 +529,8 @@ class Trainer:
     def make_batch(self, x_u8, idx, memory_rows) -> Batch:
         y = self.scenario.train_labels[idx]
         x = self.augment.train(x_u8)
+        if self.cfg.run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         soft = None
         if self.augment.mixes:
             x, soft, _ = mix_batch(x, y.to(x.device), self.method.seen, self.cfg.data.augment)

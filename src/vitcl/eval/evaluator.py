@@ -59,7 +59,7 @@ def _accuracies(n: torch.Tensor, hits: torch.Tensor) -> dict:
             "seen_task_il": float(100 * hits[:, 2].sum() / safe.sum())}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (constants cached by the models are built outside it)
 def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchStream, batch_size: int,
              top_k: int = 5, autocast=None) -> EvalResult:
     model = method.model

@@ -134,7 +134,8 @@ class GPSA(nn.Module):
         if torch.compiler.is_compiling():  # a constant of the graph: caching it would mutate a buffer (a recompile)
             return relative_positions(_grid_of(n), device).to(dtype)
         if r is None or r.shape[0] != n or r.device != device or r.dtype != dtype:
-            r = relative_positions(_grid_of(n), device).to(dtype)
+            with torch.inference_mode(False):  # a cached constant that training may use after an evaluation
+                r = relative_positions(_grid_of(n), device).to(dtype)
             self.rel_indices = r
         return r
 
@@ -213,8 +214,9 @@ class ClassAttention(nn.Module):
         key = (t, n, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:
-            mask = torch.cat([torch.eye(t, dtype=torch.bool, device=device),
-                              torch.ones(t, n, dtype=torch.bool, device=device)], dim=1)
+            with torch.inference_mode(False):  # cached: training may use it after an evaluation
+                mask = torch.cat([torch.eye(t, dtype=torch.bool, device=device),
+                                  torch.ones(t, n, dtype=torch.bool, device=device)], dim=1)
             self._mask_cache = {key: mask}
         return mask
 

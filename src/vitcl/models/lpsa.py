@@ -78,7 +78,8 @@ class LPSA(nn.Module):
             grid = math.isqrt(n)
             if grid * grid != n:
                 raise ValueError(f"LPSA needs a square grid of patch tokens, got {n} tokens")
-            r = relative_positions(grid, device)
+            with torch.inference_mode(False):  # a cached constant that training may use after an evaluation
+                r = relative_positions(grid, device)
             self.rel_pos = r
         return r
 
