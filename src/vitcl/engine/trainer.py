@@ -300,7 +300,7 @@ class Trainer:
                 self.method.begin_task(task)
                 s.begun = True
             if cfg.run.channels_last:  # what the task added (DER's new backbone) too
-                self.method.model.to(memory_format=torch.channels_last)
+                self.method.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             phases = self.method.phases(task)
             mem_at = next((i for i, p in enumerate(phases) if p.data == "memory"), len(phases))
             for p in range(s.phase, len(phases)):
