@@ -144,6 +144,15 @@ class Batch:
     position: torch.Tensor | None = None
 
 
+def require_constant_lr(cfg, step: str) -> None:
+    """For methods with a step of their own at the phase's lr (FDR's memory step, HAL's temporary step): Mammoth's
+    recipe, a constant schedule without warm-up."""
+    t = cfg.train
+    if t.schedule != "constant" or t.warmup_epochs or t.first_task_lr is not None:
+        raise ConfigError(f"train.schedule: {cfg.method.name}'s {step} runs at the phase's lr; expected a constant "
+                          f"schedule without warm-up (Mammoth's recipe)")
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """Where a training step is: its 0-based epoch and step within the phase, and its global batch size."""

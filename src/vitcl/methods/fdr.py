@@ -15,7 +15,7 @@ import torch
 
 from ..data import distributed
 from ..errors import ConfigError
-from .base import MethodOptions, register_method
+from .base import MethodOptions, register_method, require_constant_lr
 from .gem import EpisodicMemory
 
 
@@ -51,10 +51,7 @@ class FDR(EpisodicMemory):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        t = cfg.train
-        if t.schedule != "constant" or t.warmup_epochs or t.first_task_lr is not None:
-            raise ConfigError("train.schedule: fdr's memory step runs at the phase's lr; expected a constant "
-                              "schedule without warm-up (Mammoth's recipe)")
+        require_constant_lr(cfg, "memory step")
 
     def phases(self, task):
         size = self.opts.memory_batch or self.cfg.train.batch_size

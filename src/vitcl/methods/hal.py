@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from ..data import distributed
 from ..errors import ConfigError
-from .base import register_method
+from .base import register_method, require_constant_lr
 from .er import StreamReplay, StreamReplayOptions
 from .finetune import Classifier
 
@@ -82,10 +82,7 @@ class HAL(StreamReplay):
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        t = cfg.train
-        if t.schedule != "constant" or t.warmup_epochs or t.first_task_lr is not None:
-            raise ConfigError("train.schedule: hal's temporary step runs at the phase's lr; expected a constant "
-                              "schedule without warm-up (Mammoth's recipe)")
+        require_constant_lr(cfg, "temporary step")
 
     def begin_task(self, task):
         super().begin_task(task)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .layers import DropPath, Mlp, init_vit_weights, trunc_normal_
+from .layers import Block, init_vit_weights, trunc_normal_
 from .registry import Backbone, register_model
 
 
@@ -103,18 +103,10 @@ class ConvAttention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
-class CvTBlock(nn.Module):
-    """Pre-norm block: LN -> convolutional attention -> residual, LN -> MLP -> residual, with stochastic depth."""
+class CvTBlock(Block):
+    """layers.Block whose convolutional attention also takes the token grid (h, w) and the class tokens' count."""
 
-    def __init__(self, dim: int, attn: ConvAttention, mlp_ratio: float, drop: float, drop_path: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = attn
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-
-    def forward(self, x: torch.Tensor, h: int, w: int, n_cls: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int, n_cls: int) -> torch.Tensor:  # type: ignore[override]
         x = x + self.drop_path(self.attn(self.norm1(x), h, w, n_cls))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
