@@ -101,7 +101,7 @@ def measure(cfg, scenario, n_tasks: int, precision: str, compiled: bool, batch: 
         for module in method.compile_modules():
             module.compile(backend=cfg.run.compile_backend)
     params = [(n, p) for n, p in method.model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, phase.optim)
+    optimizer = build_optimizer(params, phase.optim, method.lr_scales(phase, task))
     g = torch.Generator().manual_seed(0)
     b = random_batch(scenario, task, batch, device, g)
     if phase.memory_batch > 0:

@@ -8,11 +8,19 @@ import torch
 from ..config import OptimConfig
 
 
-def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimConfig,
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """`lr_scales`: {parameter-name prefix: factor} for parameters trained at a multiple of the phase's lr (SLCA's
+    slow backbone); the longest matching prefix wins; `set_lr` keeps the factor."""
+    groups: list[dict] = []
+    for scale, named in group_by_scale(params, lr_scales or {}).items():
+        decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")]
+        no_decay = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias"))]
+        groups += [{"params": decay, "weight_decay": optim.weight_decay, "lr_scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
     groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = optim.lr * g["lr_scale"]
     fused = use_fused([p for _, p in params])
     if optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
@@ -22,6 +30,15 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], optim: OptimCo
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, eps=1e-8, fused=fused, foreach=not fused)
     raise ValueError(f"unknown optimizer {optim.optimizer!r}")
+
+
+def group_by_scale(params: list[tuple[str, torch.nn.Parameter]],
+                   lr_scales: dict[str, float]) -> dict[float, list[tuple[str, torch.nn.Parameter]]]:
+    out: dict[float, list[tuple[str, torch.nn.Parameter]]] = {}
+    for n, p in params:
+        match = max((k for k in lr_scales if n == k or n.startswith(k.rstrip(".") + ".")), key=len, default=None)
+        out.setdefault(1.0 if match is None else float(lr_scales[match]), []).append((n, p))
+    return out
 
 
 def use_fused(params: list[torch.nn.Parameter]) -> bool:
@@ -50,4 +67,4 @@ def lr_at(optim: OptimConfig, epochs: int, epoch: int) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -333,7 +333,7 @@ class Trainer:
         s, cfg = self.state, self.cfg
         self.method.setup_phase(phase, task)
         named = [(n, q) for n, q in self.method.model.named_parameters() if q.requires_grad]
-        optimizer = build_optimizer(named, phase.optim)
+        optimizer = build_optimizer(named, phase.optim, self.method.lr_scales(phase, task))
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         params = [q for _, q in named]

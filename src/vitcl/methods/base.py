@@ -252,6 +252,11 @@ class Method(Generic[O]):
         loss = classification_loss(logits, batch)
         return loss, {}
 
+    def lr_scales(self, phase: Phase, task: Task) -> dict[str, float]:
+        """{parameter-name prefix: factor of the phase's lr} for parameters trained slower or faster (SLCA's
+        backbone at 1/100 of the classifier's rate); the longest matching prefix wins, the rest run at phase.lr."""
+        return {}
+
     def before_step(self, batches: list[Batch], phase: Phase, task: Task) -> None:
         """After the step's gradients are summed over micro-batches and averaged over ranks, before clipping and
         the optimiser step: where a method changes the gradients (GEM's and A-GEM's projections)."""

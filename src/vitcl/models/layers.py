@@ -99,9 +99,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`prefix`: (keys, values), each (B, P, C), put before the tokens' own keys and values (prefix tuning:
+        DualPrompt's and CODA-Prompt's prompts); the output keeps the N query tokens."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if prefix is not None:
+            pk, pv = (t.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in prefix)
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
@@ -123,6 +128,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        a = self.norm1(x)
+        x = x + self.drop_path(self.attn(a) if prefix is None else self.attn(a, prefix))
         return x + self.drop_path(self.mlp(self.norm2(x)))

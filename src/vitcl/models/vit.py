@@ -3,6 +3,7 @@ timm's; `checkpoint_filter_fn` also reads torchvision's and the original release
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -64,12 +65,30 @@ class VisionTransformer(Backbone):
             trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_vit_weights)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches (the class token), where inserted prompts go after."""
+        return 0 if self.cls_token is None else 1
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the first block's input: patches (and class token) with their position embedding."""
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        return self.norm(self.blocks(x))
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_blocks(self, tokens: torch.Tensor,
+                       prefixes: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> torch.Tensor:
+        """The blocks and the final norm; `prefixes[i]`, when given, are block i's (keys, values) prefix
+        (prefix tuning); a shorter list leaves the later blocks without."""
+        if prefixes is None:
+            return self.norm(self.blocks(tokens))
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, prefixes[i] if i < len(prefixes) else None)
+        return self.norm(tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(self.embed_tokens(x))
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (B, D); the classifier lives outside the backbone."""
