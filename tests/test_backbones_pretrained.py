@@ -205,3 +205,24 @@ def test_timm_backbones_are_an_optional_extra():
     m = METHODS.get("rkr")(cfg, scenario, torch.device("cpu"))  # pragma: no cover - only with the extra
     wrapped = [n for n, mod in m.model.backbone.named_modules() if type(mod).__name__ == "TaskLayer"]
     assert "blocks.0.attn.qkv" in wrapped and len(wrapped) == 4 * 12
+
+
+def test_vit_checkpoint_into_dytox_encoder(tmp_path):
+    """A ViT's blocks become ConViT's SABs (plain attention), its patch and position embedding the encoder's: the
+    encoder computes what the ViT's blocks compute on the patch tokens alone."""
+    from vitcl.models.convit import ConViT
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 1, patch_size=4, embed_dim=16, depth=2, num_heads=2, pool="token").eval()
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    convit = ConViT(16, 1, patch_size=4, embed_dim=16, depth=3, local_up_to_layer=2, num_heads=2, qkv_bias=True,
+                    sab="mhsa", drop_path=0.0).eval()
+    report = load_pretrained(convit, str(tmp_path / "vit.pth"))
+    assert not [k for k in report["missing"] if k.startswith("encoder.")]
+    assert report["skipped"] == []
+    torch.testing.assert_close(convit.cls_token, vit.cls_token)
+    x = torch.randn(2, 1, 16, 16)
+    tokens = vit.patch_embed(x) + vit.pos_embed[:, 1:]
+    torch.testing.assert_close(convit.forward_features(x), vit.blocks(tokens))
+    # its own checkpoint goes back in unchanged
+    assert set(convit.checkpoint_filter_fn(convit.state_dict())) == set(convit.state_dict())

@@ -41,6 +41,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .layers import Attention, Block, DropPath, Mlp, PatchEmbed, init_vit_weights, trunc_normal_
 from .registry import Backbone, register_model
+from .vit import resample_pos_embed, vit_from_npz, vit_from_torchvision
 
 SAB_ATTENTIONS: Registry = Registry("SAB attention")
 DecoderMode = Literal["batched", "loop"]
@@ -359,6 +360,9 @@ class ConViTOptions:
     lpsa_lambda_std: float = 0.02  # LPSA only: std of the truncated normal drawing each head's content weight
     decoder: DecoderMode = "batched"  # batched: all task tokens in one call per TAB | loop: one token at a time
     decoder_drop_path: DecoderDropPath = "per_token"  # per_token (= the public per-task loop) | shared (JointCA)
+    # a local checkpoint: this model's own state dict, or a ViT's (timm names) whose blocks become the SABs (with
+    # sab: mhsa), its patch and position embedding the encoder's; the decoder keeps its initialisation
+    pretrained: str | None = None
 
     def validate(self, key: str) -> None:
         if self.sab not in SAB_ATTENTIONS:
@@ -423,6 +427,33 @@ class ConViT(Backbone):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) patch tokens after the SABs."""
         return self.encoder(x)
+
+    def checkpoint_filter_fn(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A ViT checkpoint (timm names; the original release's and torchvision's are converted first) -> the
+        encoder: block i -> SAB i (extra blocks are left out), patch embedding, position embedding without the class
+        token's slot and resampled to this grid, class token -> the first task token. The ViT's final norm, which
+        follows its last block, has no counterpart here (ours follows the decoder) and is left out. A checkpoint
+        in this model's own names is returned as it is."""
+        if not any(k.startswith(("blocks.", "embedding/", "conv_proj.")) for k in sd):
+            return sd
+        if "embedding/kernel" in sd:
+            sd = vit_from_npz(sd)
+        elif "conv_proj.weight" in sd:
+            sd = vit_from_torchvision(sd)
+        out = {}
+        for k, v in sd.items():
+            if k.startswith("blocks.") and int(k.split(".")[1]) < len(self.encoder.blocks):
+                out["encoder." + k] = v
+            elif k.startswith("patch_embed."):
+                out["encoder." + k] = v
+            elif k == "cls_token":
+                out[k] = v
+        if "pos_embed" in sd:
+            pe = sd["pos_embed"]
+            if math.isqrt(pe.shape[1] - 1) ** 2 == pe.shape[1] - 1:
+                pe = pe[:, 1:]
+            out["encoder.pos_embed"] = resample_pos_embed(pe, self.encoder.num_patches, 0)
+        return out
 
     def forward_head(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, C): the class token after the TABs and the final norm."""
