@@ -69,7 +69,8 @@ class CodaPromptMethod(Method[CodaPromptOptions]):
     def check(cls, cfg) -> None:
         super().check(cfg)
         m, o = cfg.model, cfg.method
-        if not issubclass(MODELS.get(m.name, "model.name"), VisionTransformer):
+        model = MODELS.get(m.name, "model.name")
+        if not (isinstance(model, type) and issubclass(model, VisionTransformer)):
             raise ConfigError(f"model.name: coda-prompt puts prefix prompts into a 'vit' backbone, got '{m.name}'")
         if m.pool != "token":
             raise ConfigError(f"model.pool: coda-prompt's query and features are the class token; set "
