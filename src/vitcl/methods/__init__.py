@@ -2,6 +2,7 @@
 from . import (  # noqa: F401  (registration)
     agem,
     bic,
+    coda_prompt,
     dark_er,
     der,
     dytox,
