@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registration)
     hal,
     icarl,
     joint,
+    l2p,
     lpa,
     lvt,
     lwf,
