@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registration)
     bic,
     dark_er,
     der,
+    dualprompt,
     dytox,
     e2e,
     er,

@@ -18,7 +18,15 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import GrowingHead, create_backbone
-from ..models.prompts import PromptPool, freeze, insert_prompts, select_top, surrogate_loss
+from ..models.prompts import (
+    PromptPool,
+    freeze,
+    insert_prompts,
+    mask_old_classes,
+    require_token_vit,
+    select_top,
+    surrogate_loss,
+)
 from .base import Method, MethodOptions, register_method
 
 
@@ -42,16 +50,6 @@ class L2POptions(MethodOptions):
             raise ConfigError(f"{key}.top_k: expected at most pool_size ({self.pool_size}) prompts, got {self.top_k}")
         if self.pull_coeff < 0:
             raise ConfigError(f"{key}.pull_coeff: expected a weight >= 0, got {self.pull_coeff}")
-
-
-def require_token_vit(cfg) -> None:
-    """The prompt methods read the class token of our `vit` backbone and feed its blocks themselves."""
-    name = cfg.method.name
-    if cfg.model.name != "vit":
-        raise ConfigError(f"model.name: {name} prompts a ViT's blocks; expected 'vit', got '{cfg.model.name}'")
-    if cfg.model.pool != "token":
-        raise ConfigError(f"model.pool: {name}'s query is the frozen ViT's class token; expected 'token', "
-                          f"got '{cfg.model.pool}'")
 
 
 class L2PModel(nn.Module):
@@ -85,14 +83,6 @@ class L2PModel(nn.Module):
         super().train(mode)
         self.backbone.eval()  # frozen: dropout and drop-path stay off
         return self
-
-
-def mask_old_classes(logits: torch.Tensor, offset: int) -> torch.Tensor:
-    """The reference's train_mask in class-IL: logits of the classes before this task's set to -inf."""
-    if offset == 0:
-        return logits
-    keep = torch.arange(logits.shape[1], device=logits.device) >= offset
-    return logits.masked_fill(~keep, float("-inf"))
 
 
 @register_method("l2p")

@@ -10,6 +10,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
     """x / max(||x||, sqrt(eps)) along `dim`: the reference's rsqrt(max(sum x^2, eps)) form."""
@@ -74,3 +76,21 @@ def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
+
+
+def mask_old_classes(logits: torch.Tensor, offset: int) -> torch.Tensor:
+    """The reference's train_mask in class-IL: logits of the classes before this task's set to -inf."""
+    if offset == 0:
+        return logits
+    keep = torch.arange(logits.shape[1], device=logits.device) >= offset
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def require_token_vit(cfg) -> None:
+    """The prompt methods read the class token of our `vit` backbone and feed its blocks themselves."""
+    name = cfg.method.name
+    if cfg.model.name != "vit":
+        raise ConfigError(f"model.name: {name} prompts a ViT's blocks; expected 'vit', got '{cfg.model.name}'")
+    if cfg.model.pool != "token":
+        raise ConfigError(f"model.pool: {name}'s query is the frozen ViT's class token; expected 'token', "
+                          f"got '{cfg.model.pool}'")
