@@ -30,6 +30,7 @@ class ViTOptions:
     attn_drop: float = 0.0
     drop_path: float = 0.0
     pool: Pool = "token"
+    norm_eps: float = 1e-5  # the LayerNorms' epsilon; timm's ViTs (and their checkpoints) use 1e-6
     pretrained: str | None = None  # a local timm/torchvision state dict or the original release's .npz
 
 
@@ -53,10 +54,10 @@ class VisionTransformer(Backbone):
         rates = [o.drop_path * i / max(o.depth - 1, 1) for i in range(o.depth)]  # no tensor: builds on the meta device
         self.blocks = nn.Sequential(*[
             Block(embed_dim, Attention(embed_dim, o.num_heads, o.qkv_bias, o.attn_drop, o.drop), o.mlp_ratio,
-                  o.drop, r)
+                  o.drop, r, o.norm_eps)
             for r in rates
         ])
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=o.norm_eps)
         self.init_weights()
 
     def init_weights(self) -> None:
