@@ -30,7 +30,7 @@ class ViTOptions:
     attn_drop: float = 0.0
     drop_path: float = 0.0
     pool: Pool = "token"
-    pretrained: str | None = None  # a local timm/torchvision state dict or the original release's .npz
+    pretrained: str | None = None  # a timm/torchvision state dict, the original release's .npz, or hf_hub:timm/NAME
 
 
 @register_model("vit")
