@@ -117,6 +117,23 @@ def test_download_failure_falls_back_to_the_cache(hf_home, monkeypatch):
     assert calls == [("model.safetensors", False), ("pytorch_model.bin", False), ("model.safetensors", True)]
 
 
+def test_unreachable_hub_is_asked_once_before_the_cache(hf_home, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def unreachable(repo_id, filename, **kw):
+        calls.append((filename, kw["local_files_only"]))
+        raise LocalEntryNotFoundError("cannot reach the hub and the file is not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(ConfigError, match="could not be downloaded"):
+        pre.resolve_hub("hf_hub:timm/absent")
+    assert calls == [("model.safetensors", False), ("model.safetensors", True), ("pytorch_model.bin", True)]
+
+
 def test_missing_huggingface_hub_and_bad_spec_are_config_errors(hf_home, monkeypatch):
     with pytest.raises(ConfigError, match="expected hf_hub:OWNER/NAME"):
         pre.resolve_hub("hf_hub:vit_base_patch16_224")

@@ -75,6 +75,8 @@ def resolve_hub(spec: str, key: str = "model.pretrained") -> Path:
             except Exception as exc:  # noqa: BLE001 - the hub's errors differ between versions; all mean "not here"
                 first = (str(exc).strip().splitlines() or [""])[0]
                 errors.append(f"{filename}{' (cache)' if local_only else ''}: {type(exc).__name__}: {first[:120]}")
+                if not local_only and type(exc).__name__ == "LocalEntryNotFoundError":
+                    break  # the hub is unreachable (and the file not cached): no other file is tried online
     offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if hub_offline() else ""
     why = "; ".join(dict.fromkeys([errors[0], errors[-1]]))  # the download's failure and the cache's
     raise ConfigError(f"{key}: {repo_id} has neither {' nor '.join(HUB_FILES)} in the Hugging Face cache {cache} "
