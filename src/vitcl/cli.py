@@ -417,6 +417,9 @@ def cmd_datasets(args) -> int:
         shape = f"{src.channels}x{src.image_size}x{src.image_size}"
         found = src.locate(root)
         print(f"\n{title:<24} {classes:>5} classes  {shape:<10} {'found' if found else 'MISSING'}")
+        if src.origin:
+            print(textwrap.fill(f"what: {src.origin}", width, initial_indent=indent, subsequent_indent=indent + "    ",
+                                break_on_hyphens=False))
         if found:
             print(textwrap.fill(f"at: {found}", width, initial_indent=indent, subsequent_indent=indent + "    "))
             continue

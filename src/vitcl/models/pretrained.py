@@ -1,5 +1,8 @@
-"""Pretrained backbone weights from a local file: timm or torchvision state dicts, and the original ViT release's
-`.npz` (JAX/Flax names). Nothing is downloaded; a missing file is an error that says where to get it.
+"""Pretrained backbone weights: a local file (timm or torchvision state dicts, the original ViT release's `.npz` with
+JAX/Flax names), or `hf_hub:timm/<name>`, a timm checkpoint on the Hugging Face hub (model.safetensors, else
+pytorch_model.bin) resolved through huggingface_hub's cache: downloaded when online, read from the cache when
+HF_HUB_OFFLINE is set or the download fails, so that a cached file works offline. A local file that is missing is an
+error that says where to get it.
 
 Each family converts the file's names to ours (which are timm's) and resamples the shapes that depend on the input
 size (ViT position embeddings, Swin relative-position tables) in its own `checkpoint_filter_fn` (vit.py, swin.py,
@@ -8,6 +11,7 @@ reported in one line on stderr.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +35,53 @@ KNOWN_FILES = {
                                             "swin_base_patch4_window7_224_22k.pth",
 }
 HEAD_KEYS = ("head.", "fc.", "heads.", "pre_logits.", "head_dist.")
+HUB_PREFIX = "hf_hub:"
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold, in timm's order of preference
+
+
+# --------------------------------------------------------------------------------------------- the hub
+def hub_cache() -> Path:
+    """huggingface_hub's cache folder, read from the environment at call time (the library reads it once at import):
+    HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hub(spec: str, key: str = "model.pretrained") -> Path:
+    """`hf_hub:owner/name` -> the local path of its checkpoint file, downloading it into the cache when online."""
+    repo_id = spec[len(HUB_PREFIX):].strip()
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ConfigError(f"{key}: expected hf_hub:OWNER/NAME (e.g. hf_hub:timm/vit_base_patch16_224.augreg_in21k), "
+                          f"got '{spec}'")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ConfigError(f"{key}: '{spec}' needs the optional huggingface_hub package: pip install 'vitcl[hub]' "
+                          f"(or give the path of a downloaded checkpoint)") from None
+    cache = hub_cache()
+    errors: list[str] = []
+    # online first (the hub may hold a newer revision), then the cache alone: a failed download (no network, a
+    # firewall) still finds a file cached earlier
+    for local_only in ((True,) if hub_offline() else (False, True)):
+        for filename in HUB_FILES:
+            try:
+                return Path(str(hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=local_only)))
+            except Exception as exc:  # noqa: BLE001 - the hub's errors differ between versions; all mean "not here"
+                first = (str(exc).strip().splitlines() or [""])[0]
+                errors.append(f"{filename}{' (cache)' if local_only else ''}: {type(exc).__name__}: {first[:120]}")
+                if not local_only and type(exc).__name__ == "LocalEntryNotFoundError":
+                    break  # the hub is unreachable (and the file not cached): no other file is tried online
+    offline = " (HF_HUB_OFFLINE is set, so nothing was downloaded)" if hub_offline() else ""
+    why = "; ".join(dict.fromkeys([errors[0], errors[-1]]))  # the download's failure and the cache's
+    raise ConfigError(f"{key}: {repo_id} has neither {' nor '.join(HUB_FILES)} in the Hugging Face cache {cache} "
+                      f"(HF_HOME={os.environ.get('HF_HOME', 'unset')}){offline}, and it could not be downloaded; "
+                      f"download it once online, or set HF_HOME to a cache that holds it ({why})")
 
 
 def how_to_get(path: Path) -> str:
@@ -70,27 +121,38 @@ def adapt(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     filter_fn = getattr(model, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         sd = filter_fn(sd)
+    elif type(model).__module__.startswith("timm."):
+        # timm's model modules have theirs as a function of (state dict, model): position embeddings resampled to
+        # the model's image size, older layouts converted
+        timm_filter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if timm_filter is not None:
+            sd = timm_filter(sd, model)
     return {k: v for k, v in sd.items() if not k.startswith(HEAD_KEYS)}
 
 
 def load_pretrained(model: nn.Module, path: str, key: str = "model.pretrained") -> dict:
-    """Load `path` into `model` in place; returns {loaded, skipped, missing} name lists."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{key}: {file} not found; {how_to_get(file)}")
+    """Load `path` (a file, or `hf_hub:owner/name`) into `model` in place; returns {loaded, skipped, missing} name
+    lists."""
+    if path.startswith(HUB_PREFIX):
+        file, label = resolve_hub(path, key), path
+    else:
+        file = Path(path).expanduser()
+        label = file.name
+        if not file.is_file():
+            raise ConfigError(f"{key}: {file} not found; {how_to_get(file)}")
     sd = adapt(model, read_file(file))
     own = model.state_dict()
     loaded = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k in sd if k not in loaded)
     missing = sorted(k for k in own if k not in loaded)
     if not loaded:
-        raise ConfigError(f"{key}: no tensor of {file} matches the model's names and shapes "
+        raise ConfigError(f"{key}: no tensor of {label} matches the model's names and shapes "
                           f"(first names in the file: {', '.join(list(sd)[:3])})")
     model.load_state_dict(loaded, strict=False)
     if skipped or missing:
         def show(names):
             return ", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")
 
-        print(f"pretrained {file.name}: loaded {len(loaded)} tensors; not in the model or of another shape: "
+        print(f"pretrained {label}: loaded {len(loaded)} tensors; not in the model or of another shape: "
               f"{show(skipped) or '-'}; left at their initial values: {show(missing) or '-'}", file=sys.stderr)
     return {"loaded": sorted(loaded), "skipped": skipped, "missing": missing}

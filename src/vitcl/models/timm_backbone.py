@@ -17,7 +17,7 @@ class TimmOptions:
     arch: str = "vit_base_patch16_224"
     drop_path: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of timm.create_model
-    pretrained: str | None = None  # a local state dict in timm's names (no download)
+    pretrained: str | None = None  # a local state dict in timm's names, or hf_hub:timm/<name> (models/pretrained.py)
 
 
 def require_timm(model: str):

@@ -31,7 +31,7 @@ class ViTOptions:
     drop_path: float = 0.0
     pool: Pool = "token"
     norm_eps: float = 1e-5  # the LayerNorms' epsilon; timm's ViTs (and their checkpoints) use 1e-6
-    pretrained: str | None = None  # a local timm/torchvision state dict or the original release's .npz
+    pretrained: str | None = None  # a timm/torchvision state dict, the original release's .npz, or hf_hub:timm/NAME
 
 
 @register_model("vit")

@@ -1,7 +1,8 @@
 """The source interface: a dataset in its standard on-disk format, read into an ImageSet.
 
 Where a source looks for its files (the first folder that holds them all wins):
-- with data.root set, only under it: `<data.root>/<name>` (and `<data.root>/<alias>`), then `<data.root>` itself.
+- with data.root set, only under it: `<data.root>/<name>` (and `<data.root>/<alias>`, `<data.root>/<folder>` for the
+  source's other folder names), then `<data.root>` itself.
   A root that lacks the files is an error naming what is missing, never a silent fall-back to another copy;
 - without data.root, the search path: `$VITCL_DATA/<name>` when that variable is set, then
   `/usr/share/datasets/<name>` (where Debian's `dataset-*` packages install), then `~/.cache/vitcl/<name>`.
@@ -48,6 +49,7 @@ class Source:
 
     name: str = ""
     aliases: tuple[str, ...] = ()  # other registered names (and folder names) of the same dataset
+    folders: tuple[str, ...] = ()  # more folder names, not registered (another toolbox's layout, e.g. vtab-cil/vtab)
     num_classes: int = 0
     channels: int = 3
     image_size: int = 32
@@ -56,11 +58,12 @@ class Source:
     files: tuple[str, ...] = ()  # paths, relative to the dataset folder, that must exist
     remotes: tuple[Remote, ...] = ()
     how_to_get: str = ""  # one sentence for the error when the files are missing
+    origin: str = ""  # what the data set is and who made it (shown by `vitcl datasets`)
 
     # ------------------------------------------------------------------------------------------ finding files
     def search_paths(self, root: str | None) -> list[Path]:
         """Candidate dataset folders, in lookup order."""
-        names = (self.name, *self.aliases)
+        names = (self.name, *self.aliases, *self.folders)
         paths: list[Path] = []
         if root:  # a root given by the user is the only place looked in
             base = Path(root).expanduser()
