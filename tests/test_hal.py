@@ -96,6 +96,28 @@ def test_the_step_adds_the_anchor_gradient_of_a_temporary_step(tmp_path):
         assert torch.allclose(p.grad - g0, e, atol=1e-7, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("mode", ["keep", "update"])
+def test_anchor_passes_keep_or_update_the_batch_norm_statistics(tmp_path, mode):
+    """keep: the anchors' train-mode passes normalise with their batch's statistics and leave the running ones as
+    they were; update (Mammoth's): the running statistics move toward the anchors'."""
+    tr = hal_trainer(tmp_path, f"method.anchor_norm_stats={mode}")
+    m, task = tr.method, tr.scenario[0]
+    m.begin_task(task)
+    m.model.train()
+    gen = torch.Generator().manual_seed(4)
+    m.anchors = torch.rand(3, *m.anchors.shape[1:], generator=gen) * 5
+    m.model(torch.randn(4, *m.anchors.shape[1:], generator=gen)).square().mean().backward()
+    norms = [mod for mod in m.model.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    before = [(n.running_mean.clone(), n.running_var.clone()) for n in norms]
+    momenta = [n.momentum for n in norms]
+    m.before_step([], m.phases(task)[0], task)
+    moved = [not (torch.equal(n.running_mean, mu) and torch.equal(n.running_var, var))
+             for n, (mu, var) in zip(norms, before)]
+    assert norms and (not any(moved) if mode == "keep" else all(moved))
+    assert [n.momentum for n in norms] == momenta  # restored
+    assert all(p.grad is not None for p in m.model.parameters())
+
 def objective_by_hand(model, tuned, e, labels, means, gamma):
     """J per anchor from the networks' outputs (in eval mode, as the ascent) and the scalar transcription of its
     terms."""

@@ -15,6 +15,7 @@ Anchors, their labels and the running means are part of the checkpoint.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal, cast
 
@@ -41,6 +42,11 @@ class HALOptions(StreamReplayOptions):
     finetune_steps: int = 1  # SGD steps of theta_M, one memory batch (train.batch_size rows) each
     # class: phi_c per class (the paper's class mean); task: one mean of all the task's images (Mammoth's phi)
     feature_mean: Literal["class", "task"] = "class"
+    # the anchors' forward passes in a training step (train mode): keep: batch norms normalise the anchors with
+    # their batch's statistics and leave the running statistics alone; update: they also fold the anchors'
+    # statistics into the running ones, twice per step, as Mammoth's net(anchors) calls do (the CIFAR presets).
+    # On a BN ResNet the synthetic anchors' statistics then drive evaluation (docs/methods/hal.md#batch-norm)
+    anchor_norm_stats: Literal["keep", "update"] = "keep"
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -63,6 +69,20 @@ def anchor_objective(tuned_logits: torch.Tensor, logits: torch.Tensor, feats: to
     forgetting = (F.cross_entropy(tuned_logits, labels, reduction="none")
                   - F.cross_entropy(logits, labels, reduction="none"))
     return forgetting - gamma * ((feats - means) ** 2).sum(1)
+
+
+@contextmanager
+def kept_norm_statistics(model, keep: bool):
+    """Batch norms normalise with the batch's statistics but leave their running statistics as they are."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if keep else []
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
 
 
 @register_method("hal")
@@ -102,10 +122,12 @@ class HAL(StreamReplay):
             return
         temporary = {n: p.detach() - phase.lr * p.grad if p.grad is not None else p.detach()
                      for n, p in self.model.named_parameters()}
-        with torch.no_grad():
+        with torch.no_grad(), kept_norm_statistics(self.model, self.opts.anchor_norm_stats == "keep"):
             reference = functional_call(self.model, temporary, (self.anchors,))
         # the same anchors and gradients on every rank: the added gradient needs no reduction
-        (self.opts.anchor_lambda * anchor_loss(self.model(self.anchors), reference)).backward()
+        with kept_norm_statistics(self.model, self.opts.anchor_norm_stats == "keep"):
+            current = self.model(self.anchors)
+        (self.opts.anchor_lambda * anchor_loss(current, reference)).backward()
 
     def after_step(self, batches, phase, task, step):
         kept, self._feats = self._feats, []
