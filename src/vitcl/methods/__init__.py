@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration)
     der,
     dytox,
     e2e,
+    ease,
     er,
     ewc,
     fdr,
