@@ -26,6 +26,7 @@ from . import (  # noqa: F401  (registration)
     replay,
     rkr,
     single,
+    slca,
     ucir,
     wa,
 )
