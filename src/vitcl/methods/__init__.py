@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     dualprompt,
     dytox,
     e2e,
+    ease,
     er,
     ewc,
     fdr,
@@ -28,6 +29,7 @@ from . import (  # noqa: F401  (registration)
     replay,
     rkr,
     single,
+    slca,
     ucir,
     wa,
 )
