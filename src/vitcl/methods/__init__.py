@@ -28,6 +28,7 @@ from . import (  # noqa: F401  (registration)
     podnet,
     replay,
     rkr,
+    simplecil,
     single,
     slca,
     ucir,
