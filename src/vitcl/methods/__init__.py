@@ -26,6 +26,7 @@ from . import (  # noqa: F401  (registration)
     multihead,
     piggyback,
     podnet,
+    ranpac,
     replay,
     rkr,
     simplecil,
