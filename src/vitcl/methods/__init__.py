@@ -1,6 +1,7 @@
 """Continual-learning methods, one file each. Importing fills the METHODS registry."""
 from . import (  # noqa: F401  (registration)
     agem,
+    aper,
     bic,
     coda_prompt,
     dark_er,
