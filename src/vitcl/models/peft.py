@@ -29,8 +29,8 @@ class VisualPrompts(nn.Module):
         super().__init__()
         self.prompts = nn.Parameter(torch.zeros(layers, length, dim))
         if init == "xavier":
-            for p in self.prompts:  # each set as LAMDA-PILOT's vit_adapter.py draws its (1, P, D) embeddings
-                nn.init.xavier_uniform_(p[None])
+            for i in range(layers):  # each set as LAMDA-PILOT's vit_adapter.py draws its (1, P, D) embeddings
+                nn.init.xavier_uniform_(self.prompts.data[i:i + 1])
         elif init != "zeros":
             raise ValueError(f"prompt init must be 'zeros' or 'xavier', got {init!r}")
         self.active = True
