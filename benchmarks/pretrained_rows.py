@@ -9,7 +9,8 @@ and finetune from the same weights, and finetune from random weights.
 Pretraining: `finetune/digits-b0inc2` as one task of all 10 classes (plain supervised training) on the class-token
 small ViT `base/small-vit-32-token` (4 blocks of width 64, 16 patches of 8x8 px, 0.2M parameters), digits resized
 to 32x32, crop (pad 4) + flip, AdamW, cosine schedule; its backbone (timm's names) is saved as a checkpoint that every
-row loads through `model.pretrained`. Rows: each method's `<method>/fashion-mnist-b0inc2-pretrained` preset (its
+row loads through `model.pretrained`. Rows: APER with adapters (`aper`), and with `--methods aper-vpt-shallow,
+aper-vpt-deep,aper-ssf` its other modules; each method's `<method>/fashion-mnist-b0inc2-pretrained` preset (its
 recipe scaled to a few CPU minutes, the method's options at its paper's values scaled to this ViT); finetune:
 `finetune/fashion-mnist-b0inc2` on the same ViT; DyTox: `dytox/digits-b0inc2` on Fashion-MNIST with its encoder
 made of the pretrained blocks (plain self-attention SABs, one new task-attention block), memory 200 with herding.
@@ -31,6 +32,9 @@ from fmnist_lvt_rows import cell, run
 from report import ROOT, machine, update_section
 
 PRETRAINED_METHODS = ("simplecil", "aper", "l2p", "dualprompt", "coda-prompt", "ranpac", "slca", "ease")
+# APER's other first-session modules, the same preset with `method.peft` set
+VARIANTS = {"aper-vpt-shallow": ("aper", ["method.peft=vpt-shallow"]), "aper-vpt-deep": ("aper", ["method.peft=vpt-deep"]),
+            "aper-ssf": ("aper", ["method.peft=ssf"])}
 DATA = ["data.train_per_class=300", "data.test_per_class=300", "run.threads=1", "run.progress=false"]
 VIT = "base/small-vit-32-token"
 DYTOX = ["data/fashion-mnist-b0inc2", "model.sab=mhsa", "model.patch_size=8", "model.embed_dim=64",
@@ -61,7 +65,8 @@ def jobs_of(method: str, ckpt: Path, seeds: list[int], out: Path, extra: list[st
     elif method == "dytox":
         preset, over = "dytox/digits-b0inc2", [*DYTOX, f"model.pretrained={ckpt}"]
     else:
-        preset, over = f"{method}/fashion-mnist-b0inc2-pretrained", [f"model.pretrained={ckpt}"]
+        base, options = VARIANTS.get(method, (method, []))
+        preset, over = f"{base}/fashion-mnist-b0inc2-pretrained", [f"model.pretrained={ckpt}", *options]
     return [(f"{method}-seed{s}", preset, [*over, *DATA, f"run.seed={s}", *extra], out) for s in seeds]
 
 
