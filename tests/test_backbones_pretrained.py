@@ -188,6 +188,24 @@ def test_missing_or_foreign_file_is_a_one_line_config_error(tmp_path):
         load_pretrained(small_vit(), str(tmp_path / "other.pth"))
 
 
+@torch.no_grad()
+def test_checkpoint_with_a_namespace_loads_and_garbage_is_one_line(tmp_path):
+    import argparse
+
+    torch.manual_seed(0)
+    src = small_vit()
+    # DeiT's and DyTox's training scripts save {"model": ..., "args": Namespace(...)}
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=5e-4)}, tmp_path / "deit.pth")
+    dst = small_vit()
+    load_pretrained(dst, str(tmp_path / "deit.pth"))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(dst(x), src(x))
+    (tmp_path / "bad.pth").write_bytes(b"garbage, not a checkpoint\n")
+    with pytest.raises(ConfigError, match=r"bad\.pth: not a readable torch checkpoint \(weights-only load: ") as err:
+        load_pretrained(small_vit(), str(tmp_path / "bad.pth"))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
 def test_timm_backbones_are_an_optional_extra():
     import importlib.util
 

@@ -78,6 +78,16 @@ def test_unknown_top_level_section():
         from_dict({"trian": {}})
 
 
+def test_other_toolboxes_key_names_point_to_ours():
+    with pytest.raises(ConfigError, match=r"^model\.weights: unknown key; vitcl calls it model\.pretrained"):
+        from_dict({"model": {"weights": "vit.pth"}})
+    with pytest.raises(ConfigError, match=r"^train\.init_lr: unknown key; vitcl calls it train\.lr"):
+        from_dict({"train": {"init_lr": 0.1}})
+    # a synonym whose key this section lacks gets the plain message
+    with pytest.raises(ConfigError, match=r"^data\.weights: unknown key; expected one of"):
+        from_dict({"data": {"weights": 1}})
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config([str(tmp_path / "none.yaml")])

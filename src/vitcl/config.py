@@ -283,6 +283,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
+# names other toolboxes use for a key vitcl names differently: the error says which key to use
+KEY_SYNONYMS = {"weights": "pretrained", "checkpoint": "pretrained", "pretrained_weights": "pretrained",
+                "init_lr": "lr", "learning_rate": "lr", "num_epochs": "epochs", "batch": "batch_size"}
+
+
 def build(cls: type, data: Any, key: str = "") -> Any:
     """Build dataclass cls from a mapping, rejecting unknown keys and wrong types."""
     if data is None:
@@ -298,6 +303,9 @@ def build(cls: type, data: Any, key: str = "") -> Any:
         path = f"{key}.{k}" if key else str(k)
         if k not in names:
             close = ", ".join(sorted(names))
+            usual = KEY_SYNONYMS.get(str(k))
+            if usual in names:
+                raise ConfigError(f"{path}: unknown key; vitcl calls it {key}.{usual} (expected one of: {close})")
             raise ConfigError(f"{path}: unknown key; expected one of: {close}")
         kwargs[k] = _coerce(v, hints[k], path)
     obj = cls(**kwargs)

@@ -11,6 +11,8 @@ reported in one line on stderr.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -92,6 +94,18 @@ def how_to_get(path: Path) -> str:
             "ViT release's .npz, or set it to null to start from random weights")
 
 
+def load_failure(exc: Exception) -> str:
+    """One line on why torch.load failed: torch's weights-only message is a paragraph whose cause follows
+    'WeightsUnpickler error:' (an unsupported opcode for a file that is no pickle, or the global it refused)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            cause = line.split(marker, 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"weights-only load: {cause[:200]}"
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".npz":
         with np.load(path) as data:
@@ -103,9 +117,13 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{path}: reading .safetensors needs the safetensors package") from None
         return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # DeiT's and DyTox's checkpoints keep their command line as an argparse.Namespace beside the weights
+        # (torch.serialization.safe_globals is torch >= 2.5; 2.4 reads such files with the Namespace refused)
+        allowed = getattr(torch.serialization, "safe_globals", None)
+        with allowed([argparse.Namespace]) if allowed else contextlib.nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise ConfigError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"{path}: not a readable torch checkpoint ({load_failure(exc)})") from None
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
