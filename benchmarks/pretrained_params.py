@@ -15,16 +15,14 @@ import os
 import subprocess
 import sys
 
+from pretrained_rows import PRETRAINED_METHODS, with_variants
 from report import ROOT, update_section
 
-PRESETS = ["simplecil", "aper", "aper:method.peft=vpt-shallow", "aper:method.peft=vpt-deep", "aper:method.peft=ssf",
-           "l2p", "dualprompt", "coda-prompt", "ranpac", "slca", "ease"]
+PRESET = "{}/cifar100-b0inc5-vitb16in21k"
 
 
-def counts(entry: str) -> list[dict]:
-    method, _, option = entry.partition(":")
-    cmd = [sys.executable, "-m", "vitcl", "params", "--json", f"{method}/cifar100-b0inc5-vitb16in21k",
-           "model.pretrained=null", *([option] if option else [])]
+def counts(method: str, options: list[str]) -> list[dict]:
+    cmd = [sys.executable, "-m", "vitcl", "params", "--json", PRESET.format(method), "model.pretrained=null", *options]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
     return json.loads(out)
@@ -33,14 +31,13 @@ def counts(entry: str) -> list[dict]:
 def table() -> str:
     lines = ["| preset | total after task 1 | trainable in task 1 | trainable in tasks 2-20 | total after task 20 "
              "| growth per task |", "|---|---|---|---|---|---|"]
-    for entry in PRESETS:
-        rows = counts(entry)
+    for _, method, options in with_variants(PRETRAINED_METHODS):
+        rows = counts(method, options)
         later = sorted({int(r["trainable"]) for r in rows[1:]})
         later_cell = f"{later[0]:,}" if len(later) == 1 else f"{later[0]:,} to {later[-1]:,}"
         growth = (rows[-1]["total"] - rows[0]["total"]) / (len(rows) - 1)
-        name = entry.replace(":method.peft=", " peft=")
-        lines.append(f"| `{name.split(' ')[0]}/cifar100-b0inc5-vitb16in21k`{' ' + name.split(' ')[1] if ' ' in name else ''} "
-                     f"| {int(rows[0]['total']):,} | {int(rows[0]['trainable']):,} | {later_cell} "
+        label = f"`{PRESET.format(method)}`" + "".join(f" {o.removeprefix('method.')}" for o in options)
+        lines.append(f"| {label} | {int(rows[0]['total']):,} | {int(rows[0]['trainable']):,} | {later_cell} "
                      f"| {int(rows[-1]['total']):,} | {growth:,.0f} |")
     return "\n".join(lines)
 

@@ -33,8 +33,21 @@ from report import ROOT, machine, update_section
 
 PRETRAINED_METHODS = ("simplecil", "aper", "l2p", "dualprompt", "coda-prompt", "ranpac", "slca", "ease")
 # APER's other first-session modules, the same preset with `method.peft` set
-VARIANTS = {"aper-vpt-shallow": ("aper", ["method.peft=vpt-shallow"]), "aper-vpt-deep": ("aper", ["method.peft=vpt-deep"]),
-            "aper-ssf": ("aper", ["method.peft=ssf"])}
+VARIANTS = {f"aper-{peft}": ("aper", [f"method.peft={peft}"]) for peft in ("vpt-shallow", "vpt-deep", "ssf")}
+
+
+def preset_of(name: str) -> tuple[str, list[str]]:
+    """The method whose preset a row runs, and the overrides that make it the row."""
+    return VARIANTS.get(name, (name, []))
+
+
+def with_variants(methods) -> list[tuple[str, str, list[str]]]:
+    """(row name, method, overrides) for each method, each followed by its variants."""
+    rows = []
+    for base in methods:
+        rows.append((base, *preset_of(base)))
+        rows += [(name, of, options) for name, (of, options) in VARIANTS.items() if of == base]
+    return rows
 DATA = ["data.train_per_class=300", "data.test_per_class=300", "run.threads=1", "run.progress=false"]
 VIT = "base/small-vit-32-token"
 DYTOX = ["data/fashion-mnist-b0inc2", "model.sab=mhsa", "model.patch_size=8", "model.embed_dim=64",
@@ -65,7 +78,7 @@ def jobs_of(method: str, ckpt: Path, seeds: list[int], out: Path, extra: list[st
     elif method == "dytox":
         preset, over = "dytox/digits-b0inc2", [*DYTOX, f"model.pretrained={ckpt}"]
     else:
-        base, options = VARIANTS.get(method, (method, []))
+        base, options = preset_of(method)
         preset, over = f"{base}/fashion-mnist-b0inc2-pretrained", [f"model.pretrained={ckpt}", *options]
     return [(f"{method}-seed{s}", preset, [*over, *DATA, f"run.seed={s}", *extra], out) for s in seeds]
 
