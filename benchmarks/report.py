@@ -20,6 +20,13 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
+def device_name() -> str:
+    """The accelerator's name for a section title ("NVIDIA H100 80GB HBM3"), or "CPU"."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
 def run_preset(preset: str, out_dir: Path, name: str, overrides: list[str]) -> tuple[dict, float]:
     """Train one preset with `vitcl run`; returns its results.json and the wall time in seconds."""
     cmd = [sys.executable, "-m", "vitcl", "run", preset, *overrides, f"run.out_dir={out_dir}", f"run.name={name}",

@@ -44,3 +44,25 @@ def test_bad_arguments_are_one_line(capsys, args, expected):
     assert cli.main(["bench", "dytox/digits-b0inc2", *TINY, *args, "--steps", "1", "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
+
+
+def test_the_epoch_script_times_a_real_epoch(tmp_path, capsys):
+    """benchmarks/gpu/epoch_time.py on a tiny model: its generated CIFAR-100 pickles go through the real reader
+    and pipeline, and its table holds the trainer's per-epoch figures."""
+    import importlib.util
+    from pathlib import Path
+
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "epoch_time.py"
+    spec = importlib.util.spec_from_file_location("epoch_time", path)
+    epoch_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(epoch_time)
+    root = epoch_time.write_random_cifar100(tmp_path / "data", 300)
+    assert epoch_time.main(["--data-root", str(root), "--epochs", "2", "--variants", "published",
+                            "--out", str(tmp_path / "runs"), *TINY, "train.batch_size=32",
+                            "run.progress=false"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| published"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["fp32", "off"] and int(cells[3].replace(",", "")) > 0 and float(cells[6].replace(",", "")) > 0
+    steps = (tmp_path / "runs" / "run0" / "steps.csv").read_text().splitlines()
+    assert len(steps) == 3  # a header and the two epochs

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from vitcl.api import prepare_run
+from vitcl.data.transfer import device_tensor, to_device
 from vitcl.engine import trainer as trainer_module
 from vitcl.engine.progress import Progress
 
@@ -28,7 +30,10 @@ READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "
 PACKAGE = str(Path(trainer_module.__file__).resolve().parents[1])
 # the data layer's bookkeeping, whose indices, labels and masks over them live on the host: there, reads of
 # integer and bool tensors are not syncs (a floating tensor there is a model's output: its read counts)
-HOST_SIDE = tuple(str(Path(PACKAGE) / "data" / f) for f in ("stream.py", "stream_memory.py", "memory.py"))
+# (and RandAugment's draws of which operation each image gets)
+HOST_SIDE = tuple(str(Path(PACKAGE) / "data" / f) for f in ("stream.py", "stream_memory.py", "memory.py",
+                                                             "randaugment.py"))
+TRANSFER = str(Path(PACKAGE) / "data" / "transfer.py")
 
 DATA = ["data.train_per_class=12", "data.test_per_class=4", "train.epochs=1", "train.batch_size=8",
         "train.warmup_epochs=0", "eval.batch_size=64", "train.max_batches=3", "run.threads=1"]
@@ -39,7 +44,7 @@ RESNET = ["model.width=8"]
 PRESETS = {m: VIT for m in ("finetune", "replay", "joint")}
 PRESETS |= {m: RESNET for m in ("lwf", "ewc", "icarl", "ucir", "wa", "bic", "podnet", "e2e", "der", "er", "dark-er",
                                 "dark-er-pp", "agem", "fdr", "gem", "gss", "hal")}
-PRESETS |= {"dytox": CONVIT, "lpa": [*CONVIT, "method.kd_samples=memory"], "lpa-baseline": CONVIT,
+PRESETS |= {"dytox": [*CONVIT, "data.augment.randaugment=rand-m9-mstd0.5-inc1"],  # and timm's RandAugment "lpa": [*CONVIT, "method.kd_samples=memory"], "lpa-baseline": CONVIT,
             "lvt": ["model.dims=[8,16]"]}
 # the task-IL family, on digits split into two tasks with a head each
 TASK_IL = ["data.setting=task-il", "data.class_order=null", "model.name=resnet18", "model.stem=cifar", *RESNET,
@@ -50,20 +55,34 @@ EXEMPT = {"gem": "gem.py", "gss": "gss.py"}
 
 
 class HostReads:
-    """Counts the reads above made from vitcl's code while `active`, with where each was made."""
+    """Counts the reads above made from vitcl's code while `active`, with where each was made; and, in `copies`,
+    the copies to a device that would wait for it on a GPU (see `wrap_copy`)."""
 
     def __init__(self):
-        self.active, self.calls = False, []
+        self.active, self.calls, self.copies = False, [], []
+
+    def _caller(self) -> tuple[str, str] | None:
+        frame = sys._getframe(2)
+        where = frame.f_code.co_filename
+        return (where, f"{Path(where).name}:{frame.f_lineno}") if where.startswith(PACKAGE) else None
 
     def wrap(self, name, original):
         def counted(tensor, *args, **kwargs):
-            if self.active:
-                frame = sys._getframe(1)
-                where = frame.f_code.co_filename
-                host_side = where in HOST_SIDE and not (tensor.is_floating_point() or tensor.is_complex())
-                if where.startswith(PACKAGE) and not host_side:
-                    self.calls.append(f"{name} at {Path(where).name}:{frame.f_lineno}")
+            if self.active and (caller := self._caller()):
+                host_side = caller[0] in HOST_SIDE and not (tensor.is_floating_point() or tensor.is_complex())
+                if not host_side:
+                    self.calls.append(f"{name} at {caller[1]}")
             return original(tensor, *args, **kwargs)
+        return counted
+
+    def wrap_copy(self, name, original, blocking):
+        """A copy to a device: `Tensor.to(device)` without non_blocking, `Tensor.cuda()`, `torch.tensor(...,
+        device=...)`. On a GPU each copies a host tensor from pageable memory and then synchronises the stream
+        (data/transfer.py, where the pinned, non-blocking copies live, is the one file allowed them)."""
+        def counted(*args, **kwargs):
+            if self.active and blocking(args, kwargs) and (caller := self._caller()) and caller[0] != TRANSFER:
+                self.copies.append(f"{name} at {caller[1]}")
+            return original(*args, **kwargs)
         return counted
 
     @contextlib.contextmanager
@@ -75,11 +94,27 @@ class HostReads:
             self.active = active
 
 
+def _names_a_device(args, kwargs) -> bool:
+    return "device" in kwargs or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:2])
+
+
+def _blocking_to(args, kwargs) -> bool:
+    return _names_a_device(args, kwargs) and not kwargs.get("non_blocking", False) and not (
+        len(args) > 2 and isinstance(args[2], bool) and args[2])
+
+
+COPIES = {(torch.Tensor, "to"): _blocking_to, (torch.Tensor, "cuda"): lambda a, k: True,
+          (torch, "tensor"): lambda a, k: k.get("device") is not None,
+          (torch, "as_tensor"): lambda a, k: k.get("device") is not None}
+
+
 @pytest.fixture
 def host_reads(monkeypatch):
     reads = HostReads()
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, reads.wrap(name, getattr(torch.Tensor, name)))
+    for (owner, name), blocking in COPIES.items():
+        monkeypatch.setattr(owner, name, reads.wrap_copy(name, getattr(owner, name), blocking))
     train_epoch, check_finite, draw = (trainer_module.Trainer.train_epoch, trainer_module.Trainer.check_finite,
                                        Progress._draw)
 
@@ -117,6 +152,10 @@ def test_no_host_read_in_a_training_step(tmp_path, host_reads, method):
     if method in EXEMPT:
         calls = [c for c in calls if f" at {EXEMPT[method]}:" not in c]
     assert calls == [], f"{method}: host reads inside training steps: {sorted(set(calls))}"
+    copies = sorted(set(host_reads.copies))
+    if method in EXEMPT:
+        copies = [c for c in copies if f" at {EXEMPT[method]}:" not in c]
+    assert copies == [], f"{method}: blocking copies to the device inside training steps: {copies}"
 
 
 def test_the_counter_sees_a_read(host_reads):
@@ -136,13 +175,15 @@ def test_the_counter_sees_a_read(host_reads):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["finetune", "dytox", "er", "dark-er-pp", "icarl"])
+@pytest.mark.parametrize("method", ["finetune", "dytox", "er", "dark-er-pp", "icarl", "bic", "e2e", "fdr"])
 def test_no_sync_on_cuda(tmp_path, method, monkeypatch):
+    """CUDA's own detector over the training steps (outside the engine's read points): every synchronising call,
+    listed with the line that made it. Its "warn" mode sees what "error" mode stops at, and lists them all."""
     train_epoch = trainer_module.Trainer.train_epoch
     check_finite = trainer_module.Trainer.check_finite
 
     def strict_epoch(self, *args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode("warn")
         try:
             return train_epoch(self, *args, **kwargs)
         finally:
@@ -153,8 +194,32 @@ def test_no_sync_on_cuda(tmp_path, method, monkeypatch):
         try:
             return check_finite(self, *args, **kwargs)
         finally:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("warn")
 
     monkeypatch.setattr(trainer_module.Trainer, "train_epoch", strict_epoch)
     monkeypatch.setattr(trainer_module.Trainer, "check_finite", read_point)
-    tiny_run(tmp_path, method, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_run(tmp_path, method, device="cuda")
+    syncs = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)})
+    assert syncs == [], f"{method}: synchronising calls inside training steps at {syncs}"
+
+
+def test_to_device_is_a_plain_copy_off_the_gpu():
+    t = torch.arange(6).view(2, 3).t()  # not contiguous
+    out = to_device(t, "cpu", torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out, t.double())
+    assert torch.equal(device_tensor([True, False], "cpu"), torch.tensor([True, False]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_device_does_not_wait_for_the_gpu():
+    busy = torch.randn(4096, 4096, device="cuda")
+    t = torch.arange(6).view(2, 3).t()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        busy = busy @ busy  # queued work the copies must not wait for
+        out, flags = to_device(t, "cuda", torch.float32), device_tensor([True, False], "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out.cpu(), t.float()) and flags.cpu().tolist() == [True, False]

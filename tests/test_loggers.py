@@ -2,6 +2,8 @@
 missing optional logger, and a resumed run that does not log twice."""
 import csv
 import importlib.util
+import json
+import time
 
 import pytest
 import torch
@@ -117,3 +119,28 @@ def test_wandb_logger_calls(tmp_path, monkeypatch):
     tables = [c[2]["acc_matrix/class_il"] for c in logged if "acc_matrix/class_il" in c[2]]
     assert len(tables) == 2 and tables[-1][2][1][1] is not None
     assert calls[-1] == ("finish",)
+
+
+def test_steps_csv_times_each_epoch_alone(tmp_path):
+    """steps.csv's seconds and images/s are those of the epoch itself (not the phase so far): a pause inside one
+    epoch shows in that row only, and seconds x images/s adds up to the task's images."""
+    t = trainer(tmp_path / "r", "run.loggers=[csv]")
+    original, calls = t.train_epoch, {"n": 0}
+
+    def slow_second(*a, **k):
+        calls["n"] += 1
+        loss = original(*a, **k)
+        if calls["n"] == 2:  # task 0, epoch 2
+            time.sleep(1.0)
+        return loss
+
+    t.train_epoch = slow_second
+    t.fit()
+    steps = read_csv(tmp_path / "r" / "steps.csv")
+    seconds = [float(r["seconds"]) for r in steps]
+    assert seconds[1] >= 1.0 and seconds[2] < 1.0 and seconds[0] < 1.0
+    ends = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    images = [r["images"] for r in ends if r["kind"] == "task_end"]
+    for task, n in enumerate(images):
+        rows = [r for r in steps if r["task"] == str(task)]
+        assert sum(float(r["seconds"]) * float(r["images_per_s"]) for r in rows) == pytest.approx(n, rel=0.02)

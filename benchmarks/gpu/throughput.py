@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from report import machine, update_section  # noqa: E402
+from report import device_name, machine, update_section  # noqa: E402
 
 from vitcl.bench import run_bench  # noqa: E402
 
@@ -41,8 +39,7 @@ def main() -> None:
             f"32x32 images.\n\n{table}")
     print("\n" + body)
     if args.write:
-        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-        update_section(f"Training throughput on {name}", body)
+        update_section(f"Training throughput on {device_name()}", body)
 
 
 if __name__ == "__main__":

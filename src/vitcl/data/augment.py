@@ -4,7 +4,9 @@ The order is timm's: crop, flip, RandAugment, then to float and normalise. timm'
 before batching (data/crops.py, applied by data/stream.py); the pad+crop here and flips are tensor indexing
 (one gather per batch) on the uint8 images; RandAugment is timm's per-image policy on uint8 (data/randaugment.py) or,
 as the alternative, kornia's batch-level one on floats in [0, 1].
-Randomness comes from torch's global generator, which the engine reseeds every epoch (exact resume).
+Randomness comes from torch's global generators, which the engine reseeds every epoch (exact resume): the crops'
+and flips' from the device's, timm's RandAugment's from the host's (its choice of operation per image decides
+which kernels run, so it is drawn where it is read without waiting for the device).
 MixUp/CutMix follow timm's batch mode (each sample mixed with the flipped batch, one lambda per batch).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from ..config import AugmentConfig
 from ..errors import ConfigError
 from .randaugment import TimmRandAugment, parse_policy
+from .transfer import to_device
 
 
 class BatchAugment:
@@ -28,6 +31,7 @@ class BatchAugment:
             raise ValueError(f"normalisation has {len(mean)} values for {channels} channels")
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self._stats_on = (self.mean.device, self.mean, self.std)
         self.randaugment = None
         self.timm_randaugment = None
         if cfg.randaugment is not None:
@@ -43,7 +47,9 @@ class BatchAugment:
             self.randaugment = RandAugment(n=cfg.randaugment_n, m=cfg.randaugment_m)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        if self._stats_on[0] != x.device:  # copied once per device, not at every batch
+            self._stats_on = (x.device, to_device(self.mean, x.device), to_device(self.std, x.device))
+        _, mean, std = self._stats_on
         return (x - mean) / std
 
     def test(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .transfer import to_device
 
 
 # --------------------------------------------------------------------------------------------- budgets
@@ -297,9 +298,9 @@ class Memory:
             raise KeyError(f"memory extras '{name}': asked for rows that the memory does not store")
         key = (name, str(torch.device(device or "cpu")))
         if key not in self._on_device:
-            self._on_device[key] = self.extra(name).to(key[1])
+            self._on_device[key] = to_device(self.extra(name), key[1])
         values = self._on_device[key]
-        return values[pos[rows].to(values.device)]
+        return values[to_device(pos[rows], values.device)]
 
     def stores(self, rows: torch.Tensor) -> torch.Tensor:
         """Bool mask: which of the train-set `rows` the memory holds."""

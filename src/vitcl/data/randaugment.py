@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .transfer import device_tensor, to_device
 
 MAX_LEVEL = 10.0  # timm's _MAX_LEVEL: magnitudes are on a 0..10 scale
 KEY = "data.augment.randaugment"
@@ -152,27 +153,31 @@ class TimmRandAugment:
         self.interpolation = interpolation
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        draws = sample(self.policy, x.shape[0], x.device, generator)
+        """The draws come from `generator` (on its device), else from the host's global generator: which operation
+        each image gets decides which kernels run, so it is drawn where it is read, and a batch on a GPU is
+        augmented without waiting for the GPU."""
+        draws = sample(self.policy, x.shape[0], generator.device if generator is not None else "cpu", generator)
         return self.apply(x, draws)
 
     def apply(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
         """Each layer in one pass per family over the images that drew one of its operations: one table lookup (the
         level maps), one blend (the enhance ops), one affine resampling per axis set (the geometric ops)."""
         x = x.clone()
-        ops = self.policy.ops
+        ops, on = self.policy.ops, draws.op.device  # the draws' device: the host's unless a generator said
         for layer in range(self.policy.num_layers):
-            chosen = torch.where(draws.applied[layer], draws.op[layer], -1).tolist()  # one transfer per layer
+            chosen = torch.where(draws.applied[layer], draws.op[layer], -1).tolist()  # a device read only if `on` is
             for family in FAMILIES:
                 picks = [(b, ops[k]) for b, k in enumerate(chosen) if k >= 0 and ops[k] in family]
                 if not picks:
                     continue
-                rows = torch.tensor([b for b, _ in picks], device=x.device)
+                rows = device_tensor([b for b, _ in picks], on)
                 names = [name for _, name in picks]
-                arg = torch.zeros(len(picks), dtype=torch.float64, device=x.device)
+                arg = torch.zeros(len(picks), dtype=torch.float64, device=on)
                 for name in sorted(set(names)):
-                    at = torch.tensor([n == name for n in names], device=x.device)
+                    at = device_tensor([n == name for n in names], on)
                     arg = torch.where(at, op_argument(name, draws.magnitude[layer, rows], draws.sign[layer, rows]), arg)
-                x[rows] = apply_family(names, x[rows], arg, self.fill, self.interpolation)
+                rows = to_device(rows, x.device)
+                x[rows] = apply_family(names, x[rows], to_device(arg, x.device), self.fill, self.interpolation)
         return x
 
 
@@ -182,15 +187,15 @@ BLEND_OPS = frozenset({"Color", "ColorIncreasing", "Contrast", "ContrastIncreasi
                        "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing"})
 GEOMETRIC_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
 # the geometric ops by the axes they interpolate along (affine samples one axis with fewer taps)
-FAMILIES = (LUT_OPS, BLEND_OPS, frozenset({"Rotate"}), frozenset({"ShearX", "TranslateXRel"}),
-            frozenset({"ShearY", "TranslateYRel"}))
+X_OPS, Y_OPS = frozenset({"ShearX", "TranslateXRel"}), frozenset({"ShearY", "TranslateYRel"})
+FAMILIES = (LUT_OPS, BLEND_OPS, frozenset({"Rotate"}), X_OPS, Y_OPS)
 
 
 def apply_family(names: list[str], x: torch.Tensor, arg: torch.Tensor, fill: tuple[int, ...],
                  interpolation: Interpolation) -> torch.Tensor:
     """Image i of x through operation names[i] (all of one family) with argument arg[i], in one pass."""
     def where(name: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        at = torch.tensor([n == name for n in names], device=x.device).view(-1, *[1] * (value.dim() - 1))
+        at = device_tensor([n == name for n in names], x.device).view(-1, *[1] * (value.dim() - 1))
         return torch.where(at, value, current)
 
     kinds = sorted(set(names))
@@ -198,7 +203,9 @@ def apply_family(names: list[str], x: torch.Tensor, arg: torch.Tensor, fill: tup
         matrix = torch.zeros(len(names), 6, dtype=torch.float64, device=x.device)
         for name in kinds:
             matrix = where(name, geometry_matrix(name, arg, x.shape[-2:]), matrix)
-        return affine(x, matrix, fill, interpolation)
+        # each family resamples along its own axes: known from the names, not read from the matrix
+        axes = "x" if set(kinds) <= X_OPS else "y" if set(kinds) <= Y_OPS else "xy"
+        return affine(x, matrix, fill, interpolation, axes)
     if kinds[0] in BLEND_OPS:
         degenerate = x
         for name in kinds:
@@ -224,7 +231,7 @@ def level_table(name: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     """The level map (B, C, 256) of a point operation of Pillow's ImageOps or timm's solarize_add."""
     B, C = x.shape[:2]
     i = torch.arange(256, device=x.device).expand(B, C, 256)
-    a = arg.to(x.device).view(-1, 1, 1)
+    a = to_device(arg, x.device).view(-1, 1, 1)
     if name == "AutoContrast":
         return autocontrast_table(x)
     if name == "Equalize":
@@ -355,15 +362,16 @@ def _interpolate(v: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
 
 
 def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, ...],
-           interpolation: Interpolation = "bilinear") -> torch.Tensor:
+           interpolation: Interpolation = "bilinear", axes: str | None = None) -> torch.Tensor:
     """Image.transform(AFFINE) of each image by its own matrix, as Pillow samples it: output pixel centres mapped
     through the matrix; a point outside [0, W) x [0, H) takes the fill, one inside is interpolated from its
-    neighbours (indices clamped to the image) and truncated to uint8."""
+    neighbours (indices clamped to the image) and truncated to uint8. `axes` ("x", "y", "xy"): those along which
+    a sample may fall between pixels; None reads it from the matrix (a device read)."""
     B, C, H, W = x.shape
     dev = x.device
     xs = torch.arange(W, dtype=torch.float64, device=dev) + 0.5
     ys = torch.arange(H, dtype=torch.float64, device=dev) + 0.5
-    m = matrix.to(dev, torch.float64).view(B, 6, 1, 1)
+    m = to_device(matrix, dev, torch.float64).view(B, 6, 1, 1)
     xin = m[:, 0] * xs[None, None, :] + m[:, 1] * ys[None, :, None] + m[:, 2]  # (B, H, W)
     yin = m[:, 3] * xs[None, None, :] + m[:, 4] * ys[None, :, None] + m[:, 5]
     inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
@@ -373,8 +381,9 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, ...],
     taps = (0, 1) if interpolation == "bilinear" else (-1, 0, 1, 2)
     # a zero fraction gives the tap at 0 exactly, in both forms: shear and translation along x have dy = 0 (and
     # along y dx = 0) everywhere, so they need one row (column) of taps
-    x_taps = (0,) if not bool((dx != 0).any()) else taps
-    y_taps = (0,) if not bool((dy != 0).any()) else taps
+    # (more taps than needed give the same pixels: a zero fraction weighs the others by exactly 0)
+    x_taps = taps if ("x" in axes if axes is not None else bool((dx != 0).any())) else (0,)
+    y_taps = taps if ("y" in axes if axes is not None else bool((dy != 0).any())) else (0,)
     flat = x.reshape(B, C, H * W).double()  # float64 as Pillow: float32 would flip the truncation of ~1% of pixels
     xi = [(x0 + t).clamp(0, W - 1).long() for t in x_taps]
     rows = []
@@ -384,5 +393,5 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[int, ...],
         rows.append(_interpolate(v, dx.view(B, 1, H * W)))
     out = _interpolate(rows, dy.view(B, 1, H * W))
     out = out.clamp_(0, 255).to(torch.uint8).view(B, C, H, W)
-    fill_t = torch.tensor(fill[:C] if len(fill) >= C else fill * C, dtype=torch.uint8, device=dev).view(1, C, 1, 1)
+    fill_t = device_tensor(fill[:C] if len(fill) >= C else fill * C, dev, torch.uint8).view(1, C, 1, 1)
     return torch.where(inside[:, None], out, fill_t)

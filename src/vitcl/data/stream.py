@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import VitclError
 from .crops import CropSpec, crop_batch, crop_one
 from .dataset import ImageSet
+from .transfer import to_device
 
 
 def epoch_order(n: int, seed: int, shuffle: bool, repeats: int = 1, repeat_mode: str = "extend") -> torch.Tensor:
@@ -98,7 +99,7 @@ class BatchStream:
         if self.images.in_memory:
             data = self._resident()
             for idx, k in zip(batches, keys):
-                x = data[idx.to(data.device)].to(self.device, non_blocking=True)
+                x = to_device(data[to_device(idx, data.device)], self.device)
                 yield crop_batch(x, self.spec, train, k), idx
             return
         items = [list(zip(b.tolist(), k.tolist())) for b, k in zip(batches, keys)]

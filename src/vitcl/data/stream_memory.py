@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .transfer import to_device
 
 STREAM_POLICIES: Registry = Registry("memory selection (per batch)")
 _MASK64 = (1 << 64) - 1
@@ -169,8 +170,8 @@ class StreamMemory:
         """The extras `name` of the memory's `slots`, on `device` (default: where they are stored)."""
         values = self.extras[name]
         if device is not None and values.device != torch.device(device):
-            values = self.extras[name] = values.to(device)
-        return values[slots.to(values.device)]
+            values = self.extras[name] = to_device(values, device)
+        return values[to_device(slots, values.device)]
 
     # ------------------------------------------------------------------ streaming
     def begin_epoch(self) -> None:
@@ -206,7 +207,7 @@ class StreamMemory:
         samples = order[torch.tensor(list(last.values()))]
         for name, values in extras.items():
             store = self._store(name, values)
-            store[slots.to(store.device)] = values.detach()[samples.to(values.device)].to(store.dtype)
+            store[to_device(slots, store.device)] = values.detach()[to_device(samples, values.device)].to(store.dtype)
 
     def _store(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """The slot tensor of extras `name`, allocated on the first write (zeros), widened when a later write

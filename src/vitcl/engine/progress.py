@@ -22,16 +22,19 @@ class Progress:
     def start_phase(self, label: str, total_batches: int):
         self.label, self.total, self.done = label, total_batches, 0
         self.images, self.loss_sum, self.loss_n = 0, 0.0, 0
-        self.t0 = time.perf_counter()
+        self.t0 = self.epoch_t0 = time.perf_counter()
+        self.epoch_images = 0
 
     def start_epoch(self):
         """The loss shown is the mean over the current epoch's steps."""
         self.loss_sum, self.loss_n = 0.0, 0
+        self.epoch_t0, self.epoch_images = time.perf_counter(), 0
 
     def step(self, n_images: int, loss, epoch_label: str):
         """`loss`: a float or a tensor (kept on its device and summed there; read only when a line is drawn)."""
         self.done += 1
         self.images += n_images
+        self.epoch_images += n_images
         if loss is not None:
             self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + 1
         if self.tty and time.perf_counter() - self._last_draw > 0.5:
@@ -39,7 +42,17 @@ class Progress:
 
     @property
     def throughput(self) -> float:
+        """Images per second since the phase began (the progress line's, and its ETA's)."""
         return self.images / max(time.perf_counter() - self.t0, 1e-9)
+
+    @property
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_t0
+
+    @property
+    def epoch_throughput(self) -> float:
+        """Images per second of the current epoch alone (the loggers' per-epoch figure)."""
+        return self.epoch_images / max(self.epoch_seconds, 1e-9)
 
     def _draw(self, epoch_label: str, end: str):
         if not self.enabled:

@@ -30,6 +30,7 @@ from ..data.crops import crop_spec
 from ..data.memory import Memory, RankedMemory
 from ..data.stream import BatchStream, crop_keys, epoch_order, global_batches, rank_share
 from ..data.stream_memory import StreamMemory
+from ..data.transfer import to_device
 from ..errors import ConfigError, TrainingError
 from ..eval import jsonfile
 from ..eval.evaluator import evaluate
@@ -346,6 +347,7 @@ class Trainer:
             set_lr(optimizer, lr_at(phase.optim, phase.epochs, epoch))
             self.progress.start_epoch()
             loss = self.train_epoch(task, p, phase, epoch, indices, optimizer, params, label)
+            epoch_seconds, epoch_images_per_s = self.progress.epoch_seconds, self.progress.epoch_throughput
             s.epoch = epoch + 1
             s.task_time = time.perf_counter() - task_t0
             extra = ""
@@ -362,7 +364,7 @@ class Trainer:
                 self.loggers.epoch(step_key(task.index, p, s.epoch),
                                    {"task": task.index, "phase": phase.name, "epoch": s.epoch, "loss": loss,
                                     "lr": lr_at(phase.optim, phase.epochs, epoch),
-                                    "images_per_s": self.progress.throughput})
+                                    "seconds": epoch_seconds, "images_per_s": epoch_images_per_s})
                 if periodic:
                     self.loggers.evaluation(step_key(task.index, p, s.epoch), s.periodic[-1] | res |
                                             {"kind": "periodic", "phase": phase.name, "epoch": s.epoch})
@@ -533,11 +535,12 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         soft = None
         if self.augment.mixes:
-            x, soft, _ = mix_batch(x, y.to(x.device), self.method.seen, self.cfg.data.augment)
+            x, soft, _ = mix_batch(x, to_device(y, x.device), self.method.seen, self.cfg.data.augment)
         from_memory = None
         if memory_rows is not None:
-            from_memory = torch.isin(idx, memory_rows).to(x.device)
-        return Batch(x=x, y=y.to(x.device), task=self.scenario.task_of_label[y].to(x.device), index=idx,
+            from_memory = to_device(torch.isin(idx, memory_rows), x.device)
+        # the labels live on the host with the scenario: copied without waiting for the device
+        return Batch(x=x, y=to_device(y, x.device), task=to_device(self.scenario.task_of_label[y], x.device), index=idx,
                      soft=soft, from_memory=from_memory)
 
     def evaluate(self, upto: int) -> dict:

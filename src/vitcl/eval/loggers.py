@@ -20,7 +20,7 @@ from ..errors import ConfigError
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # logger: (module, extra)
 EVAL_COLUMNS = ("step", "kind", "task", "phase", "epoch", "seen_class_il", "seen_task_il", "seen_class_il_topk",
                 "params", "seconds", "images_per_s", "peak_memory_bytes")
-STEP_COLUMNS = ("step", "task", "phase", "epoch", "loss", "lr", "images_per_s")
+STEP_COLUMNS = ("step", "task", "phase", "epoch", "loss", "lr", "seconds", "images_per_s")  # of the epoch alone
 
 
 def step_key(task: int, phase: int, epoch: int) -> int:

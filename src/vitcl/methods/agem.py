@@ -48,7 +48,7 @@ class AGEM(EpisodicMemory):
         params = self.trainable()
         x, y = torch.cat([m.x for m in memory]), torch.cat([m.y for m in memory])
         # the reference gradient of the whole memory batch: each rank's share, weighted by its rows
-        rows = torch.tensor(float(len(y)), device=self.device)
+        rows = torch.full((), float(len(y)), device=self.device)  # a fill: no copy from the host
         g_ref = loss_gradient(self.model, params, x, y) * rows
         g_ref = distributed.all_reduce_sum(g_ref) / distributed.all_reduce_sum(rows)
         write_grad(params, agem_project(flat_grad(params), g_ref))

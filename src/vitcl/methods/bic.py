@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.stream_memory import StreamMemory
+from ..data.transfer import device_tensor
 from ..errors import ConfigError
 from ..models.heads import TaskHead
 from .base import register_method
@@ -44,8 +45,9 @@ def bias_correction(logits: torch.Tensor, bounds: list[int], alphas: torch.Tenso
                     betas: torch.Tensor) -> torch.Tensor:
     """Task g's logits (columns [bounds[g], bounds[g + 1])) mapped to alphas[g] * o + betas[g]."""
     sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    scale = torch.repeat_interleave(alphas.to(logits.dtype), torch.tensor(sizes, device=logits.device))
-    shift = torch.repeat_interleave(betas.to(logits.dtype), torch.tensor(sizes, device=logits.device))
+    repeats = device_tensor(sizes, logits.device)
+    scale = torch.repeat_interleave(alphas.to(logits.dtype), repeats, output_size=bounds[-1] - bounds[0])
+    shift = torch.repeat_interleave(betas.to(logits.dtype), repeats, output_size=bounds[-1] - bounds[0])
     return logits * scale + shift
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..data.transfer import to_device
 from ..errors import ConfigError
 from .base import register_method
 from .distilled import Distilled, DistilledOptions
@@ -32,11 +33,11 @@ def adjust_brightness_contrast(x: torch.Tensor, mean: torch.Tensor, std: torch.T
                                factor: torch.Tensor) -> torch.Tensor:
     """On a normalised batch (B, C, H, W), what on its 0..255 pixels would be: p + delta_i (brightness, clamped
     to 0..255), then (p - mean_hw(p)) * factor_i + mean_hw(p) per channel (contrast, clamped); re-normalised."""
-    mean, std = mean.to(x), std.to(x)
+    mean, std = to_device(mean, x.device, x.dtype), to_device(std, x.device, x.dtype)
     u = x * std + mean  # 0..1
-    u = (u + delta.to(x).view(-1, 1, 1, 1) / 255).clamp(0, 1)
+    u = (u + delta.to(x.dtype).view(-1, 1, 1, 1) / 255).clamp(0, 1)  # drawn on x's device
     mu = u.mean(dim=(2, 3), keepdim=True)
-    u = ((u - mu) * factor.to(x).view(-1, 1, 1, 1) + mu).clamp(0, 1)
+    u = ((u - mu) * factor.to(x.dtype).view(-1, 1, 1, 1) + mu).clamp(0, 1)
     return (u - mean) / std
 
 

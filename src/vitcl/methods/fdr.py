@@ -79,7 +79,7 @@ class FDR(EpisodicMemory):
             return
         self.optimizer.zero_grad(set_to_none=True)
         rows = sum(len(m.y) for m in memory)
-        total = torch.tensor(float(rows), device=self.device)
+        total = torch.full((), float(rows), device=self.device)  # a fill: no copy from the host
         distributed.all_reduce_sum(total)
         for m in memory:  # the mean over the whole memory batch, summed over micro-batches and ranks
             stored = self.memory.lookup("logits", m.index, self.device)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.transfer import to_device
 from ..errors import ConfigError
 from .base import MethodOptions, register_method
 from .finetune import Finetune
@@ -122,7 +123,7 @@ class GEM(EpisodicMemory):
         memories = []
         for k in past.unique(sorted=True).tolist():
             pick = past == k
-            x, y = self.images[pick].to(self.device), labels[pick].to(self.device)
+            x, y = to_device(self.images[pick], self.device), to_device(labels[pick], self.device)
             memories.append(loss_gradient(self.model, params, x, y))
         g = flat_grad(params)
         grads = torch.stack(memories)

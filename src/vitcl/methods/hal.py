@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..data import distributed
+from ..data.transfer import to_device
 from ..errors import ConfigError
 from .base import register_method, require_constant_lr
 from .er import StreamReplay, StreamReplayOptions
@@ -137,7 +138,7 @@ class HAL(StreamReplay):
 
     def update_means(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         """phi <- beta * phi + (1 - beta) * the step's mean feature, per class present in the step's global batch."""
-        groups = labels.to(feats.device) if self.opts.feature_mean == "class" else torch.zeros_like(labels,
+        groups = to_device(labels, feats.device) if self.opts.feature_mean == "class" else torch.zeros_like(labels,
                                                                                                      device=feats.device)
         sums = torch.zeros_like(self.means).index_add_(0, groups, feats)
         counts = torch.zeros(len(self.means), device=feats.device).index_add_(0, groups, torch.ones_like(feats[:, 0]))

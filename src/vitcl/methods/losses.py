@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+from ..data.transfer import to_device
+
 if TYPE_CHECKING:
     from .base import Batch
 
@@ -209,6 +211,6 @@ def stored_logits_mse(logits: torch.Tensor, stored: torch.Tensor, n_stored: torc
     classes seen when it was stored; a growing head's later columns have no stored value)."""
     k = min(logits.shape[1], stored.shape[1])
     cols = torch.arange(k, device=logits.device)
-    mask = (cols[None, :] < n_stored.to(logits.device)[:, None]).float()
-    sq = (logits[:, :k].float() - stored[:, :k].to(logits.device).float()) ** 2
+    mask = (cols[None, :] < to_device(n_stored, logits.device)[:, None]).float()
+    sq = (logits[:, :k].float() - to_device(stored[:, :k], logits.device).float()) ** 2
     return (sq * mask).sum() / mask.sum().clamp(min=1.0)
