@@ -137,12 +137,13 @@ def host_reads(monkeypatch):
     return reads
 
 
-def tiny_run(tmp_path, method: str, device: str = "cpu") -> None:
+def tiny_run(tmp_path, method: str, device: str = "cpu"):
     preset = "finetune/digits-b0inc2" if f"method.name={method}" in PRESETS[method] else f"{method}/digits-b0inc2"
     overrides = [*DATA, *PRESETS[method], "data.increment=5", f"run.out_dir={tmp_path}", "run.name=r",
                  f"run.device={device}"]
     trainer = prepare_run([preset], overrides, progress=False, announce=False)
     trainer.fit()
+    return trainer
 
 
 @pytest.mark.parametrize("method", sorted(PRESETS))
@@ -223,3 +224,21 @@ def test_to_device_does_not_wait_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(out.cpu(), t.float()) and flags.cpu().tolist() == [True, False]
+
+
+@pytest.mark.parametrize("method", ["finetune", "multi-head"])  # class-IL scores, and one pass per task id
+def test_evaluation_reads_the_host_once_not_per_batch(tmp_path, host_reads, method):
+    """The evaluation sums its counts where the scores are: the reads and copies it makes do not grow with the
+    number of test batches."""
+    from vitcl.eval.evaluator import evaluate
+
+    trainer = tiny_run(tmp_path, method)
+    last = len(trainer.scenario) - 1
+    made = []
+    for batch_size in (1000, 7):  # one batch, then many
+        host_reads.calls, host_reads.copies, host_reads.active = [], [], True
+        res = evaluate(trainer.method, trainer.scenario, last, trainer.augment, trainer.test_stream, batch_size,
+                       autocast=trainer.autocast)
+        host_reads.active = False
+        made.append((len(host_reads.calls), len(host_reads.copies), res.task_il))
+    assert made[0] == made[1] and len(trainer.scenario[0].test_idx) > 7 * 2

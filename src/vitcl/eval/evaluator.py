@@ -14,6 +14,7 @@ import torch
 from ..data.augment import BatchAugment
 from ..data.distributed import all_reduce_sum, rank, world_size
 from ..data.stream import BatchStream, rank_share
+from ..data.transfer import to_device
 
 
 @dataclass
@@ -67,33 +68,39 @@ def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchSt
     model.eval()
     T = upto + 1
     names = sorted(method.extra_scorers()) if not method.task_conditioned else []
-    # counts[j] = (n, class-IL top-1, class-IL top-k, task-IL top-1), then the same three per extra scorer
-    counts = torch.zeros(T, 4 + 3 * len(names), dtype=torch.float64)
+    # counts[j] = (n, class-IL top-1, class-IL top-k, task-IL top-1), then the same three per extra scorer; summed
+    # where the scores are and read once at the end: labels and task ids come from the host, so no batch waits
+    counts = torch.zeros(T, 4 + 3 * len(names), dtype=torch.float64, device=stream.device)
     seen = scenario.seen_classes(upto)
     k = min(top_k, seen)
     tasks_of = scenario.task_of_label
     test_labels = scenario.test_labels
+    offsets = torch.tensor([scenario[i].offset for i in range(T)])
+    ends = torch.tensor([scenario[i].end for i in range(T)])
     idx_all = torch.cat([scenario[t].test_idx for t in range(T)])
     batches = [rank_share(b, rank(), world_size()) for b in idx_all.split(batch_size)]
     conditioned = method.task_conditioned
     for x_u8, idx in stream([b for b in batches if len(b)]):
         x = augment.test(x_u8)
-        y = test_labels[idx].to(x.device)
-        t = tasks_of[y.cpu()].to(x.device)
+        y_host = test_labels[idx]
+        t_host = tasks_of[y_host]
+        y, t = to_device(y_host, x.device), to_device(t_host, x.device)
         if conditioned:
-            for tt in t.unique().tolist():
-                sel = t == tt
+            for tt in range(T):
+                at = (t_host == tt).nonzero().flatten()
+                if not len(at):
+                    continue
+                at = to_device(at, x.device)
                 with autocast():
-                    logits = method.logits(x[sel], task=tt).float()
+                    logits = method.logits(x.index_select(0, at), task=tt).float()
                 pred = logits.argmax(1) + scenario[tt].offset
-                counts[tt, 0] += sel.sum().item()
-                counts[tt, 3] += (pred == y[sel]).sum().item()
+                counts[tt, 0] += len(at)
+                counts[tt, 3] += (pred == y.index_select(0, at)).sum()
             continue
         with autocast():
             main, extra = method.scores(x)
         cols = torch.arange(seen, device=x.device)[None]
-        lo = torch.tensor([scenario[i].offset for i in range(T)], device=x.device)[t][:, None]
-        hi = torch.tensor([scenario[i].end for i in range(T)], device=x.device)[t][:, None]
+        lo, hi = to_device(offsets[t_host], x.device)[:, None], to_device(ends[t_host], x.device)[:, None]
         in_task = (cols >= lo) & (cols < hi)
         rows = [torch.ones_like(y, dtype=torch.bool)[:, None]]
         for name, logits in [("", main), *sorted(extra.items())]:
@@ -103,7 +110,8 @@ def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchSt
             rows.append(_hits(logits.float(), y, in_task, k))
         if sorted(extra) != names:  # a method's bug
             raise RuntimeError(f"{method.name}: scores gave extra scorers {sorted(extra)}, it declares {names}")
-        counts.index_add_(0, t.cpu(), torch.cat(rows, 1).double().cpu())
+        counts.index_add_(0, t, torch.cat(rows, 1).double())
+    counts = counts.cpu()
     all_reduce_sum(counts)
     model.train(was_training)
     n = counts[:, 0].clamp(min=1)
