@@ -68,8 +68,8 @@ def time_epochs(sources: list[str], data_root: Path, out: Path, name: str, epoch
 
 
 def table(rows: dict[str, dict], epochs: int) -> str:
-    out = ["| run | precision | compile | images per epoch | epoch 1 s | epoch "
-           f"{epochs} s | epoch {epochs} img/s | task s (training, memory, evaluation) | peak MB |",
+    out = [f"| run | precision | compile | images per epoch | first epoch s | last (epoch {epochs}) s | "
+           "last epoch img/s | task s (training, memory, evaluation) | peak MB |",
            "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         per_epoch = r["images"] // max(len(r["epoch_seconds"]), 1)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     what = "CIFAR-100" if args.data_root else f"random pixels in CIFAR-100's format ({args.images:,} images)"
     body = (f"`python benchmarks/gpu/epoch_time.py --epochs {args.epochs}"
             f"{' ' + ' '.join(overrides) if overrides else ''}`: `{PRESET}` on one task of its 100 classes, "
-            f"{what}, on {machine()}. Epoch 1 includes compilation; the task's seconds add herding the memory "
+            f"{what}, on {machine()}. The first epoch includes compilation; the task's seconds add herding the memory "
             f"from the task's images and the evaluation on the test set.\n\n{table(rows, args.epochs)}")
     print("\n" + body)
     if args.write:
