@@ -50,6 +50,16 @@ PRESETS |= {"dytox": [*CONVIT, "data.augment.randaugment=rand-m9-mstd0.5-inc1"],
 TASK_IL = ["data.setting=task-il", "data.class_order=null", "model.name=resnet18", "model.stem=cifar", *RESNET,
            "data.augment.crop_padding=0"]
 PRESETS |= {m: [f"method.name={m}", *TASK_IL] for m in ("multi-head", "rkr", "piggyback", "mask-rkr", "single")}
+# the pretrained-ViT family, on a tiny randomly initialised ViT (the tasks' trainable parts are the same)
+VIT_PT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
+          "model.pool=token", "model.pretrained=null", "memory.size=0", "data.augment.crop_padding=0"]
+PRESETS |= {m: [f"method.name={m}", *VIT_PT, *extra] for m, extra in {
+    "aper": ["method.bottleneck=4", "method.prompt_length=2"], "simplecil": [],
+    "ranpac": ["method.bottleneck=4", "method.projection_dim=48"], "ease": ["method.bottleneck=4"],
+    "slca": ["method.ca_epochs=1", "method.ca_samples=8"],
+    "l2p": ["method.pool_size=4", "method.length=2", "method.top_k=2"],  # batchwise prompt choice in training
+    "dualprompt": ["method.g_length=2", "method.g_layers=[0]", "method.e_length=3", "method.e_layers=[1]"],
+    "coda-prompt": ["method.pool_size=4", "method.length=2", "method.layers=[0,1]"]}.items()}
 # the reads a method makes by its definition (see the module's docstring): file name -> allowed count
 EXEMPT = {"gem": "gem.py", "gss": "gss.py"}
 

@@ -30,7 +30,9 @@ def select_top(similarity: torch.Tensor, k: int, batchwise: bool) -> torch.Tenso
     idx = similarity.topk(k, dim=1).indices
     if not batchwise:
         return idx
-    counts = torch.bincount(idx.flatten(), minlength=similarity.shape[1])
+    flat = idx.flatten()  # bincount would read its largest index on the host (a device sync): a scatter does not
+    counts = torch.zeros(similarity.shape[1], dtype=torch.long, device=idx.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     order = torch.sort(counts, descending=True, stable=True).indices
     return order[:k].expand(similarity.shape[0], -1)
 
