@@ -186,7 +186,7 @@ def test_the_counter_sees_a_read(host_reads):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["finetune", "dytox", "er", "dark-er-pp", "icarl", "bic", "e2e", "fdr"])
+@pytest.mark.parametrize("method", ["finetune", "dytox", "er", "dark-er-pp", "icarl", "bic", "e2e", "fdr", "lvt", "l2p"])
 def test_no_sync_on_cuda(tmp_path, method, monkeypatch):
     """CUDA's own detector over the training steps (outside the engine's read points): every synchronising call,
     listed with the line that made it. Its "warn" mode sees what "error" mode stops at, and lists them all."""
