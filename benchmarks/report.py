@@ -39,13 +39,18 @@ def run_preset(preset: str, out_dir: Path, name: str, overrides: list[str]) -> t
 
 
 def update_section(title: str, body: str) -> None:
-    """Replace (or append) the `## title` section of BENCHMARKS.md."""
+    """Replace (or append) the `## title` section of BENCHMARKS.md. A paragraph of the old section that begins
+    with "Reading" (what the figures mean, written by hand) and all after it stay, below the new body."""
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nFigures measured with the scripts in `benchmarks/`.\n"
     head = f"## {title}\n"
     section = head + "\n" + body.strip() + "\n"
     if head in text:
         start = text.index(head)
         nxt = text.find("\n## ", start + len(head))
+        old = text[start:nxt if nxt >= 0 else len(text)]
+        reading = old.find("\n\nReading")
+        if reading >= 0:
+            section = section.rstrip("\n") + old[reading:].rstrip("\n") + "\n"
         text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section

@@ -66,3 +66,19 @@ def test_the_epoch_script_times_a_real_epoch(tmp_path, capsys):
     assert cells[1:3] == ["fp32", "off"] and int(cells[3].replace(",", "")) > 0 and float(cells[6].replace(",", "")) > 0
     steps = (tmp_path / "runs" / "run0" / "steps.csv").read_text().splitlines()
     assert len(steps) == 3  # a header and the two epochs
+
+
+def test_a_regenerated_section_keeps_its_reading(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import report
+
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# Benchmarks\n\n## A\n\n| old |\n\nReading: what it means.\n\nMore reading.\n\n## B\n\nb\n")
+    monkeypatch.setattr(report, "BENCHMARKS", page)
+    report.update_section("A", "| new |")
+    report.update_section("C", "c")
+    assert page.read_text() == ("# Benchmarks\n\n## A\n\n| new |\n\nReading: what it means.\n\nMore reading.\n"
+                                "\n## B\n\nb\n\n## C\n\nc\n")
