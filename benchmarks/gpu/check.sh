@@ -2,7 +2,8 @@
 # The GPU checks in one go, most important first, each under its own time limit so that a slow one leaves the
 # others their results (about 9 minutes on an H100-class GPU, compilation included; nothing to install where
 # torch with CUDA, numpy, pyyaml, scikit-learn, matplotlib and pillow are present):
-#   1. tests/test_host_sync.py's CUDA test: no synchronising call inside a training step (CUDA's own detector)
+#   1. the tests that need CUDA: no synchronising call inside a training step (CUDA's own detector), the pinned
+#      copies, the fused optimiser
 #   2. vitcl bench dytox/cifar100-b0inc10 at 1, 10 and 50 tasks, fp32 and bf16, not compiled
 #   3. the target row: 10 tasks, bf16, compiled, batch 128 (at least 10,000 training images/s on an H100)
 #   4. one real epoch of CIFAR-shaped data (50,000 images) under overlays/fast, batch 128 per GPU as published
@@ -29,7 +30,8 @@ part() {  # part NAME SECONDS COMMAND...
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$OUT_DIR/$name.log"
 }
 
-part sync 90 python3 -m pytest -q -p no:cacheprovider tests/test_host_sync.py -k cuda -rA
+part sync 90 python3 -m pytest -q -p no:cacheprovider tests/test_host_sync.py tests/test_optim_kernel.py \
+    -k "cuda or gpu or fused" -rA
 part bench-eager 100 python3 benchmarks/gpu/throughput.py --tasks 1,10,50 --precision fp32,bf16 --compile off \
     --steps 20 --warmup 5 --batch 128
 part bench-compiled 200 python3 benchmarks/gpu/throughput.py --tasks 10 --precision bf16 --compile on \
