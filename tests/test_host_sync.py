@@ -3,9 +3,13 @@
 A device-to-host read stalls the GPU's queue: `Tensor.item`, `float(t)`, `bool(t)`, `int(t)`, `.tolist()`,
 `.numpy()`, `.cpu()`. During a few training steps of every method, each of those called from vitcl's own code is
 counted, except at the engine's read points (the progress line and the finite-loss check, every CHECK_EVERY steps)
-and the integer reads of the data layer's bookkeeping, whose indices live on the host. Reads that torch makes inside its own functions on host
-tensors (the optimiser's step counters) are not vitcl's and are not counted; syncs that no Python call shows
-(boolean-mask indexing, nonzero) are what `torch.cuda.set_sync_debug_mode("error")` finds on a GPU (the last test).
+and the integer reads of the data layer's bookkeeping, whose indices live on the host. Reads that torch makes
+inside its own functions on host tensors (the optimiser's step counters) are not vitcl's and are not counted.
+So is every blocking copy to a device (`.to(device)`, `.cuda()`, `torch.tensor(..., device=...)`): on a GPU it
+copies from pageable memory and then waits for the stream; data/transfer.py's pinned copies do not. Syncs that
+no Python call shows (boolean-mask indexing, nonzero, bincount) are what CUDA's own detector
+(`torch.cuda.set_sync_debug_mode`) finds on a GPU (the CUDA tests). The evaluation's reads and copies are checked
+not to grow with its number of batches.
 
 GEM and GSS are exempt by their definitions: GEM solves its quadratic program on the host with quadprog when a
 constraint is violated, and GSS scores each streamed sample against the memory on the host; each is listed with
