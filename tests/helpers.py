@@ -37,3 +37,28 @@ def without_timing(obj):
 def metrics_records(run_dir: Path) -> list:
     """metrics.jsonl of a run, timing fields aside."""
     return [without_timing(json.loads(x)) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def interrupt_at_epoch(trainer, n: int) -> None:
+    """Run trainer.fit() and stop it (KeyboardInterrupt) as its n-th epoch, counted over tasks and phases, begins:
+    the epochs before it are checkpointed, as a killed run leaves them."""
+    import pytest
+
+    original, calls = trainer.train_epoch, {"n": 0}
+
+    def stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    trainer.train_epoch = stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
+def restored(trainer, checkpoint: Path):
+    """The optimiser state to pass to trainer.fit(), after restoring trainer from a checkpoint file."""
+    import torch
+
+    return trainer.restore(torch.load(checkpoint, weights_only=False))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import timm_transforms
-from helpers import TINY
+from helpers import TINY, interrupt_at_epoch, restored
 from vitcl.data.crops import CropSpec, centre_box, crop_batch, crop_one, random_resized_box, short_side_size
 from vitcl.data.dataset import ImageSet
 from vitcl.data.sources.imagefolder import ImageFiles
@@ -259,20 +259,10 @@ def test_crops_are_the_same_after_a_resume(tmp_path):
     trainer(tmp_path / "a", data, full).fit()
     cut: list = []
     t = trainer(tmp_path / "b", data, cut)
-    original, calls = t.train_epoch, {"n": 0}
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # task 1, after its first epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 4)  # task 1, after its first epoch was checkpointed
     resumed_log: list = []
     resumed = trainer(tmp_path / "b", data, resumed_log)
-    opt_state = resumed.restore(torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False))
+    opt_state = restored(resumed, tmp_path / "b" / "checkpoints" / "last.pt")
     assert (resumed.state.task, resumed.state.epoch) == (1, 1)
     resumed.fit(opt_state)
     # the resumed run sees exactly the batches (rows and crops) of the uninterrupted one from epoch 2 of task 1

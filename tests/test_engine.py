@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import SRC, TINY, run_cli
+from helpers import SRC, TINY, interrupt_at_epoch, restored, run_cli
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import TrainingError
 from vitcl.runconfig import load_config
@@ -91,20 +91,9 @@ def test_resume_mid_phase_in_process_is_exact(tmp_path):
     opts = ("train.epochs=3", "data.increment=5")
     full = make_trainer(tmp_path / "a", *opts).fit()
     t = make_trainer(tmp_path / "b", *opts)
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside task 1, after its first epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 5)  # inside task 1, after its first epoch was checkpointed
     resumed = make_trainer(tmp_path / "b", *opts)
-    opt_state = resumed.restore(torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False))
+    opt_state = restored(resumed, tmp_path / "b" / "checkpoints" / "last.pt")
     assert (resumed.state.task, resumed.state.epoch) == (1, 1)
     res = resumed.fit(opt_state)
     assert res["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import interrupt_at_epoch, restored
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import ConfigError
 from vitcl.methods.fdr import function_distance
@@ -66,20 +67,9 @@ def test_fdr_stores_logits_and_steps_on_the_memory(tmp_path):
 def test_fdr_resume_mid_task_is_exact(tmp_path, extra):
     full = fdr_trainer(tmp_path / "a", *extra).fit()
     t = fdr_trainer(tmp_path / "b", *extra)
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # task 1, after its first epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 4)  # task 1, after its first epoch was checkpointed
     resumed = fdr_trainer(tmp_path / "b", *extra)
-    opt_state = resumed.restore(torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False))
+    opt_state = restored(resumed, tmp_path / "b" / "checkpoints" / "last.pt")
     assert (resumed.state.task, resumed.state.epoch) == (1, 1) and resumed.method.pending is not None
     res = resumed.fit(opt_state)
     assert res["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]

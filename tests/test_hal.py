@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import interrupt_at_epoch, restored, run_cli
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import ConfigError
 from vitcl.methods.hal import anchor_loss, anchor_objective
@@ -189,20 +189,9 @@ def test_a_run_resumed_mid_task_restores_its_anchors_and_means(tmp_path):
     full = hal_trainer(tmp_path / "a")
     full_res = full.fit()
     t = hal_trainer(tmp_path / "b")
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # task 1, after its first epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 4)  # task 1, after its first epoch was checkpointed
     resumed = hal_trainer(tmp_path / "b")
-    opt_state = resumed.restore(torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False))
+    opt_state = restored(resumed, tmp_path / "b" / "checkpoints" / "last.pt")
     assert (resumed.state.task, resumed.state.epoch) == (1, 1)
     assert torch.equal(resumed.method.anchors, t.method.anchors) and len(resumed.method.anchors) == 4
     assert torch.equal(resumed.method.means, t.method.means) and resumed.method.means.abs().sum() > 0

@@ -6,9 +6,8 @@ import json
 import time
 
 import pytest
-import torch
 
-from helpers import TINY
+from helpers import TINY, interrupt_at_epoch, restored
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import ConfigError
 from vitcl.runconfig import load_config
@@ -68,20 +67,9 @@ def test_a_resumed_run_does_not_log_twice(tmp_path):
     full = trainer(tmp_path / "full", "run.loggers=[csv]")
     full.fit()
     t = trainer(tmp_path / "cut", "run.loggers=[csv]")
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # inside task 1, after its first epoch
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 4)  # inside task 1, after its first epoch
     resumed = trainer(tmp_path / "cut", "run.loggers=[csv]")
-    state = resumed.restore(torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=False))
+    state = restored(resumed, tmp_path / "cut" / "checkpoints" / "last.pt")
     resumed.fit(state)
     for name in ("steps.csv", "metrics.csv"):
         a, b = read_csv(tmp_path / "full" / name), read_csv(tmp_path / "cut" / name)

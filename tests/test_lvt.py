@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import interrupt_at_epoch, restored
 from vitcl.data.memory import FixedTotal, Memory, make_selector
 from vitcl.methods.losses import stored_distillation as distillation_loss
 from vitcl.methods.lvt import consolidation_loss, estimate_importance
@@ -257,20 +258,9 @@ def test_lvt_resume_mid_task_is_exact(tmp_path):
     opts = ("train.epochs=2", "train.max_batches=2")
     full = _lvt_trainer(tmp_path / "a", *opts).fit()
     t = _lvt_trainer(tmp_path / "b", *opts)
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # task 1, after its first epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 4)  # task 1, after its first epoch was checkpointed
     resumed = _lvt_trainer(tmp_path / "b", *opts)
-    opt_state = resumed.restore(torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False))
+    opt_state = restored(resumed, tmp_path / "b" / "checkpoints" / "last.pt")
     assert (resumed.state.task, resumed.state.epoch) == (1, 1) and resumed.method.anchor is not None
     res = resumed.fit(opt_state)
     assert res["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]

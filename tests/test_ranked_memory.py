@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SRC, TINY
+from helpers import SRC, TINY, interrupt_at_epoch, restored
 from vitcl.data.memory import FixedTotal, Memory, RandomSelector, RankedMemory, local_ranks, make_memory
 from vitcl.engine.trainer import Trainer, stable_seed
 from vitcl.errors import ConfigError
@@ -185,18 +185,7 @@ def test_dytox_run_with_ranked_memory_resumes_exactly(tmp_path):
             "method.finetune_epochs=2", "train.max_batches=2")
     full = make_trainer(tmp_path / "a", *opts, preset="dytox/digits-b0inc2").fit()
     t = make_trainer(tmp_path / "b", *opts, preset="dytox/digits-b0inc2")
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # task 1: 2 training epochs, then the first finetuning epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 6)  # task 1: 2 training epochs, then the first finetuning epoch was checkpointed
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["method"]["memory"]["ranks"] == 2 and len(ckpt["method"]["memory"]["banks"]) == 2
     resumed = make_trainer(tmp_path / "b", *opts, preset="dytox/digits-b0inc2")
@@ -228,7 +217,7 @@ def test_two_processes_hold_the_banks_of_two_emulated_ranks(tmp_path):
     assert not all(torch.equal(bank0[c], bank1[c]) for c in bank0)
 
     t = make_trainer(tmp_path / "single", *FAST)
-    t.restore(torch.load(tmp_path / "run" / "checkpoints" / "task_1.pt", weights_only=False))
+    restored(t, tmp_path / "run" / "checkpoints" / "task_1.pt")
     task = t.scenario[1]
     mem = t.method.memory
     assert isinstance(mem, RankedMemory) and mem.local == [0, 1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SRC, TINY
+from helpers import SRC, TINY, interrupt_at_epoch, restored
 from vitcl.data.stream_memory import ClassBalancedReservoir, Reservoir, StreamMemory, stream_uniform
 from vitcl.engine.trainer import Trainer
 from vitcl.errors import ConfigError
@@ -198,20 +198,9 @@ def test_a_stream_run_resumed_mid_task_equals_an_uninterrupted_one(tmp_path):
     opts = ("train.epochs=2", "train.max_batches=3", "data.increment=5")
     full = _trainer(tmp_path / "a", "dark-er/digits-b0inc2", *opts).fit()
     t = _trainer(tmp_path / "b", "dark-er/digits-b0inc2", *opts)
-    calls = {"n": 0}
-    original = t.train_epoch
-
-    def stop_after(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # inside task 1, after its first epoch was checkpointed
-            raise KeyboardInterrupt
-        return original(*a, **k)
-
-    t.train_epoch = stop_after
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupt_at_epoch(t, 4)  # inside task 1, after its first epoch was checkpointed
     resumed = _trainer(tmp_path / "b", "dark-er/digits-b0inc2", *opts)
-    state = resumed.restore(torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.pt", weights_only=False))
+    state = restored(resumed, tmp_path / "b" / "run" / "checkpoints" / "last.pt")
     assert (resumed.state.task, resumed.state.epoch) == (1, 1)
     res = resumed.fit(state)
     assert res["class_il"]["acc_matrix"] == full["class_il"]["acc_matrix"]
