@@ -60,7 +60,7 @@ def test_fast_overlay_on_a_preset_and_the_presets_keep_fp32():
                                                                                                False, False)
     fast, _ = load_config(["dytox/cifar100-b0inc10", "overlays/fast"], [])
     assert (fast.run.precision, fast.run.compile, fast.run.tf32, fast.run.channels_last) == ("bf16", True, True, True)
-    assert fast.eval.batch_size == 1024 and fast.method == plain.method and fast.train == plain.train
+    assert (fast.eval.batch_size, fast.eval.fit_batch) == (4096, True) and fast.method == plain.method and fast.train == plain.train
 
 
 def test_channels_last_gives_the_same_run(tmp_path):

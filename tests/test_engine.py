@@ -203,3 +203,28 @@ def test_the_loss_is_read_on_the_host_once_per_epoch_of_few_steps(tmp_path, monk
     monkeypatch.setattr(trainer_module, "CHECK_EVERY", 10**6)
     trainer.fit()
     assert reads and len(reads) == len(set(reads))
+
+
+def test_fit_batch_halves_the_evaluation_batch_that_runs_out_of_memory(tmp_path):
+    """eval.fit_batch: a batch too large for the device halves eval.batch_size for the rest of the run and the
+    evaluation starts again; the accuracies are those of a run that fits, and the model keeps its mode."""
+    opts = ("data.increment=5", "eval.batch_size=64")
+
+    def on_a_small_device(trainer):
+        scores = trainer.method.scores
+
+        def small(x, *a, **k):
+            if len(x) > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+            return scores(x, *a, **k)
+
+        trainer.method.scores = small
+        return trainer
+
+    plain = make_trainer(tmp_path / "a", *opts).fit()
+    fitted = on_a_small_device(make_trainer(tmp_path / "b", *opts, "eval.fit_batch=true"))
+    assert fitted.fit()["class_il"]["acc_matrix"] == plain["class_il"]["acc_matrix"] and fitted.eval_batch == 16
+    strict = on_a_small_device(make_trainer(tmp_path / "c", *opts))
+    with pytest.raises(torch.OutOfMemoryError):
+        strict.fit()
+    assert strict.method.model.training  # the failed evaluation put the training mode back

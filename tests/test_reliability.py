@@ -282,3 +282,26 @@ def test_a_resume_on_another_number_of_processes_says_so_and_records_it(tmp_path
     assert [m["kind"] for m in records] == ["periodic", "resume", "task_end", "periodic", "task_end"]
     assert records[1] == {"kind": "resume", "task": 0, "phase": 0, "epoch": 2, "previous_world_size": 2,
                           "world_size": 1}
+
+
+def test_running_out_of_gpu_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch, capsys):
+    from vitcl.engine.trainer import Trainer
+
+    epoch = Trainer.train_epoch
+    calls = {"n": 0}
+
+    def out_of_memory_in_task_1(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.12 GiB is free.")
+        return epoch(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_epoch", out_of_memory_in_task_1)
+    code = cli.main(["run", *SMALL, f"run.out_dir={tmp_path}", "run.name=x", "-q"])
+    assert code == 2
+    line = after_start(capsys.readouterr().err)
+    run = tmp_path / "x"
+    assert line.startswith("vitcl: error: cpu: CUDA out of memory; ") and "Tried to allocate" not in line
+    assert f"the last checkpoint in {run / 'checkpoints'} is intact" in line and "eval.fit_batch" in line
+    assert line.endswith(f"`vitcl resume {run}`") and (run / "checkpoints" / "task_0.pt").is_file()

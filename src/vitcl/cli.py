@@ -68,8 +68,11 @@ def _install_stop_handlers() -> dict:
 
 
 def _fit_and_report(trainer, optimizer_state) -> int:
+    import torch
+
     from .data import distributed as dist
     from .engine.trainer import write_results
+    from .errors import TrainingError
     from .eval.plots import write_plots
     from .eval.report import summary_table
 
@@ -80,6 +83,12 @@ def _fit_and_report(trainer, optimizer_state) -> int:
         print(f"{end_line}{_stop_name()}; `vitcl resume {trainer.run_dir}` continues from the last checkpoint",
               file=sys.stderr)
         return _stop_code()
+    except torch.OutOfMemoryError as exc:
+        what = (str(exc).strip().splitlines() or ["out of memory"])[0].split(". ")[0].rstrip(".")
+        raise TrainingError(f"{trainer.device}: {what}; the last checkpoint in {trainer.ckpt_dir} is intact. Lower "
+                            f"train.batch_size (train.grad_accum keeps the batch) or eval.batch_size (or set "
+                            f"eval.fit_batch: true) in {trainer.run_dir / 'config.yaml'}, then `vitcl resume "
+                            f"{trainer.run_dir}`") from None
     if dist.is_main():
         write_results(trainer.run_dir, results)
         write_plots(results, trainer.run_dir / "plots")

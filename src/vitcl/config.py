@@ -156,6 +156,9 @@ class TrainConfig(OptimConfig):
 @dataclass
 class EvalConfig:
     batch_size: int = 256
+    # the largest batch that fits: a batch that runs out of GPU memory halves batch_size for the rest of the run
+    # and the evaluation starts again (one process only: ranks would part ways)
+    fit_batch: bool = False
     top_k: int = 5
     # analyses recorded after each task on a fixed held-out test batch, into RUN_DIR/analysis (`vitcl analyze`
     # computes the same from the task checkpoints): non-locality per layer and head, covariance spectrum of the

@@ -130,6 +130,7 @@ class Trainer:
                                         crop_spec(cfg.data, self.scenario.train))
         self.test_stream = BatchStream(self.scenario.test, self.device, cfg.data.num_workers,
                                        crop_spec(cfg.data, self.scenario.test))
+        self.eval_batch = cfg.eval.batch_size  # halved where eval.fit_batch meets a batch too large for the GPU
         self.progress = Progress(progress and cfg.run.progress and dist.is_main())
         check_available(cfg.run.loggers)
         self.loggers: RunLoggers | None = None  # opened when fit starts (the main process only)
@@ -544,9 +545,18 @@ class Trainer:
                      soft=soft, from_memory=from_memory)
 
     def evaluate(self, upto: int) -> dict:
-        res = evaluate(self.method, self.scenario, upto, self.augment, self.test_stream, self.cfg.eval.batch_size,
-                       self.cfg.eval.top_k, self.autocast)
-        return res.to_dict()
+        while True:
+            try:
+                res = evaluate(self.method, self.scenario, upto, self.augment, self.test_stream, self.eval_batch,
+                               self.cfg.eval.top_k, self.autocast)
+                return res.to_dict()
+            except torch.OutOfMemoryError:
+                if not self.cfg.eval.fit_batch or self.world > 1 or self.eval_batch == 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.eval_batch //= 2
+                self.progress.message(f"evaluation: out of memory; batches of {self.eval_batch} from now on")
 
     def finish_task(self, task, seconds: float) -> None:
         s = self.state

@@ -63,8 +63,16 @@ def _accuracies(n: torch.Tensor, hits: torch.Tensor) -> dict:
 @torch.inference_mode()  # no autograd bookkeeping at all (constants cached by the models are built outside it)
 def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchStream, batch_size: int,
              top_k: int = 5, autocast=None) -> EvalResult:
+    was_training = method.model.training
+    try:
+        return _evaluate(method, scenario, upto, augment, stream, batch_size, top_k, autocast)
+    finally:  # also when a batch runs out of memory and the caller tries again with smaller ones
+        method.model.train(was_training)
+
+
+def _evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchStream, batch_size: int,
+              top_k: int, autocast) -> EvalResult:
     model = method.model
-    was_training = model.training
     model.eval()
     T = upto + 1
     names = sorted(method.extra_scorers()) if not method.task_conditioned else []
@@ -113,7 +121,6 @@ def evaluate(method, scenario, upto: int, augment: BatchAugment, stream: BatchSt
         counts.index_add_(0, t, torch.cat(rows, 1).double())
     counts = counts.cpu()
     all_reduce_sum(counts)
-    model.train(was_training)
     n = counts[:, 0].clamp(min=1)
     res = EvalResult(task=upto, n_test=counts[:, 0].long().tolist())
     res.task_il = (100 * counts[:, 3] / n).tolist()
