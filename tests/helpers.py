@@ -62,3 +62,34 @@ def restored(trainer, checkpoint: Path):
     import torch
 
     return trainer.restore(torch.load(checkpoint, weights_only=False))
+
+
+VIT = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
+CONVIT = ["model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.local_up_to_layer=1"]
+RESNET = ["model.width=8"]
+# each method's tiny digits run (two tasks: the second has a teacher, a memory, old classes)
+TINY_METHODS = {m: VIT for m in ("finetune", "replay", "joint")}
+TINY_METHODS |= {m: RESNET for m in ("lwf", "ewc", "icarl", "ucir", "wa", "bic", "podnet", "e2e", "der", "er", "dark-er",
+                                "dark-er-pp", "agem", "fdr", "gem", "gss", "hal")}
+TINY_METHODS |= {"dytox": [*CONVIT, "data.augment.randaugment=rand-m9-mstd0.5-inc1"],  # and timm's RandAugment
+            "lpa": [*CONVIT, "method.kd_samples=memory"], "lpa-baseline": CONVIT, "lvt": ["model.dims=[8,16]"]}
+# the task-IL family, on digits split into two tasks with a head each
+TASK_IL = ["data.setting=task-il", "data.class_order=null", "model.name=resnet18", "model.stem=cifar", *RESNET,
+           "data.augment.crop_padding=0"]
+TINY_METHODS |= {m: [f"method.name={m}", *TASK_IL] for m in ("multi-head", "rkr", "piggyback", "mask-rkr", "single")}
+# the pretrained-ViT family, on a tiny randomly initialised ViT (the tasks' trainable parts are the same)
+VIT_PT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
+          "model.pool=token", "model.pretrained=null", "memory.size=0", "data.augment.crop_padding=0"]
+TINY_METHODS |= {m: [f"method.name={m}", *VIT_PT, *extra] for m, extra in {
+    "aper": ["method.bottleneck=4", "method.prompt_length=2"], "simplecil": [],
+    "ranpac": ["method.bottleneck=4", "method.projection_dim=48"], "ease": ["method.bottleneck=4"],
+    "slca": ["method.ca_epochs=1", "method.ca_samples=8"],
+    "l2p": ["method.pool_size=4", "method.length=2", "method.top_k=2"],  # batchwise prompt choice in training
+    "dualprompt": ["method.g_length=2", "method.g_layers=[0]", "method.e_length=3", "method.e_layers=[1]"],
+    "coda-prompt": ["method.pool_size=4", "method.length=2", "method.layers=[0,1]"]}.items()}
+
+
+def tiny_method(method: str) -> tuple[str, list[str]]:
+    """The digits preset and the overrides of `method`'s tiny run (TINY_METHODS)."""
+    tiny = TINY_METHODS[method]
+    return ("finetune/digits-b0inc2" if f"method.name={method}" in tiny else f"{method}/digits-b0inc2"), tiny

@@ -1,6 +1,7 @@
 """vitcl bench: a method's full training step and inference on random images of the preset's shape."""
 import pytest
 
+from helpers import TINY_METHODS, tiny_method
 from vitcl import cli
 from vitcl.bench import bench_config, run_bench
 
@@ -29,10 +30,6 @@ def test_the_rehearsal_batch_rides_along():
     rows, table = run_bench(["er/digits-b0inc2"], ["model.width=8", "run.threads=1", "method.memory_batch=3"], [2],
                             ["fp32"], [False], 4, 1, 0, say=lambda _: None)
     assert rows[0].tasks == 2 and rows[0].memory_batch == 3 and "| 2 | 4 | fp32 | off |" in table
-    # DER reads the logits stored with each memory row: random rows have none, so its steps run without
-    rows, _ = run_bench(["dark-er/digits-b0inc2"], ["model.width=8", "run.threads=1"], [2], ["fp32"], [False],
-                        4, 1, 0, say=lambda _: None)
-    assert rows[0].memory_batch == 0
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -82,3 +79,22 @@ def test_a_regenerated_section_keeps_its_reading(tmp_path, monkeypatch):
     report.update_section("C", "c")
     assert page.read_text() == ("# Benchmarks\n\n## A\n\n| new |\n\nReading: what it means.\n\nMore reading.\n"
                                 "\n## B\n\nb\n\n## C\n\nc\n")
+
+
+# the methods whose phase draws a separate rehearsal batch, which reads the memory's stored extras for some
+DRAWS_A_MEMORY_BATCH = {"er", "dark-er", "dark-er-pp", "agem", "fdr", "gss", "hal", "lvt"}
+# the methods that train in the first task only (their later tasks update prototypes or statistics)
+FIRST_TASK_ONLY = {"aper", "ranpac", "simplecil"}
+
+
+@pytest.mark.parametrize("method", sorted(TINY_METHODS))
+def test_every_method_benches_a_real_step(method):
+    """After one task learned on random images (memory update, consolidation), a step of the second task runs the
+    method's whole step; the rehearsal batch comes from the memory, with the extras stored with its rows."""
+    preset, tiny = tiny_method(method)
+    rows, _ = run_bench([preset], [*tiny, "data.increment=5", "run.threads=1"], [2], ["fp32"], [False], 4, 1, 0,
+                        say=lambda _: None)
+    row = rows[0]
+    assert row.tasks == 2 and row.infer_images_per_s > 0
+    assert row.train_images_per_s is None if method in FIRST_TASK_ONLY else row.train_images_per_s > 0
+    assert (row.memory_batch > 0) == (method in DRAWS_A_MEMORY_BATCH)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_METHODS, tiny_method
 from vitcl.api import prepare_run
 from vitcl.data.transfer import device_tensor, to_device
 from vitcl.engine import trainer as trainer_module
@@ -41,29 +42,6 @@ TRANSFER = str(Path(PACKAGE) / "data" / "transfer.py")
 
 DATA = ["data.train_per_class=12", "data.test_per_class=4", "train.epochs=1", "train.batch_size=8",
         "train.warmup_epochs=0", "eval.batch_size=64", "train.max_batches=3", "run.threads=1"]
-VIT = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
-CONVIT = ["model.embed_dim=16", "model.depth=2", "model.num_heads=2", "model.local_up_to_layer=1"]
-RESNET = ["model.width=8"]
-# each method's tiny digits run (two tasks: the second has a teacher, a memory, old classes)
-PRESETS = {m: VIT for m in ("finetune", "replay", "joint")}
-PRESETS |= {m: RESNET for m in ("lwf", "ewc", "icarl", "ucir", "wa", "bic", "podnet", "e2e", "der", "er", "dark-er",
-                                "dark-er-pp", "agem", "fdr", "gem", "gss", "hal")}
-PRESETS |= {"dytox": [*CONVIT, "data.augment.randaugment=rand-m9-mstd0.5-inc1"],  # and timm's RandAugment "lpa": [*CONVIT, "method.kd_samples=memory"], "lpa-baseline": CONVIT,
-            "lvt": ["model.dims=[8,16]"]}
-# the task-IL family, on digits split into two tasks with a head each
-TASK_IL = ["data.setting=task-il", "data.class_order=null", "model.name=resnet18", "model.stem=cifar", *RESNET,
-           "data.augment.crop_padding=0"]
-PRESETS |= {m: [f"method.name={m}", *TASK_IL] for m in ("multi-head", "rkr", "piggyback", "mask-rkr", "single")}
-# the pretrained-ViT family, on a tiny randomly initialised ViT (the tasks' trainable parts are the same)
-VIT_PT = ["model.name=vit", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
-          "model.pool=token", "model.pretrained=null", "memory.size=0", "data.augment.crop_padding=0"]
-PRESETS |= {m: [f"method.name={m}", *VIT_PT, *extra] for m, extra in {
-    "aper": ["method.bottleneck=4", "method.prompt_length=2"], "simplecil": [],
-    "ranpac": ["method.bottleneck=4", "method.projection_dim=48"], "ease": ["method.bottleneck=4"],
-    "slca": ["method.ca_epochs=1", "method.ca_samples=8"],
-    "l2p": ["method.pool_size=4", "method.length=2", "method.top_k=2"],  # batchwise prompt choice in training
-    "dualprompt": ["method.g_length=2", "method.g_layers=[0]", "method.e_length=3", "method.e_layers=[1]"],
-    "coda-prompt": ["method.pool_size=4", "method.length=2", "method.layers=[0,1]"]}.items()}
 # the reads a method makes by its definition (see the module's docstring): file name -> allowed count
 EXEMPT = {"gem": "gem.py", "gss": "gss.py"}
 
@@ -152,15 +130,15 @@ def host_reads(monkeypatch):
 
 
 def tiny_run(tmp_path, method: str, device: str = "cpu"):
-    preset = "finetune/digits-b0inc2" if f"method.name={method}" in PRESETS[method] else f"{method}/digits-b0inc2"
-    overrides = [*DATA, *PRESETS[method], "data.increment=5", f"run.out_dir={tmp_path}", "run.name=r",
+    preset, tiny = tiny_method(method)
+    overrides = [*DATA, *tiny, "data.increment=5", f"run.out_dir={tmp_path}", "run.name=r",
                  f"run.device={device}"]
     trainer = prepare_run([preset], overrides, progress=False, announce=False)
     trainer.fit()
     return trainer
 
 
-@pytest.mark.parametrize("method", sorted(PRESETS))
+@pytest.mark.parametrize("method", sorted(TINY_METHODS))
 def test_no_host_read_in_a_training_step(tmp_path, host_reads, method):
     tiny_run(tmp_path, method)
     calls = host_reads.calls

@@ -260,6 +260,8 @@ class Memory:
     """Exemplar indices per class (ordered best first) plus optional per-exemplar tensors (`extras`: a method's
     stored logits and the like), which `lookup` finds again by train-set row."""
 
+    per_batch = False  # filled at task ends (a StreamMemory is filled while a task trains)
+
     def __init__(self, budget, selector: Selector):
         self.budget = budget
         self.selector = selector
@@ -349,6 +351,8 @@ class RankedMemory:
 
     Methods see the Memory interface: `indices()`, `extra()` and `lookup()` cover the local banks (the rows this
     process rehearses); the engine fills each bank through `TaskContext.memory_banks`."""
+
+    per_batch = False
 
     def __init__(self, budget, selectors: list[Selector], local: list[int]):
         self.banks = [Memory(budget, s) for s in selectors]

@@ -438,7 +438,7 @@ class Trainer:
         accum = cfg.train.grad_accum
         memory = self.method.memory
         memory_rows = memory.indices() if phase.data == "task+memory" else None
-        streaming = isinstance(memory, StreamMemory)  # filled while the phase trains: drawn from afresh each step
+        streaming = memory.per_batch  # filled while the phase trains: drawn from afresh each step
         side = None
         if phase.memory_batch > 0 and not streaming:
             side = ([(self.rank, memory.indices())] if not isinstance(memory, RankedMemory) else
@@ -520,7 +520,7 @@ class Trainer:
             return None
         memory = self.method.memory
         slots = mrows if streaming else None
-        if slots is not None and isinstance(memory, StreamMemory):
+        if isinstance(memory, StreamMemory) and slots is not None:
             mrows = memory.rows[slots]
         mkeys = [crop_keys(seed, torch.arange(len(mrows)))]
         mx_u8, midx = next(iter(self.train_stream([mrows], train=True, keys=mkeys)))
