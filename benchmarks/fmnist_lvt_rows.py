@@ -11,11 +11,12 @@ flip; SGD (lr 0.01, momentum 0.9, no weight decay, constant lr), batch 32, 5 epo
 own `<method>/fashion-mnist-b0inc2` preset (the method's options at its paper's values) with this protocol on top.
 The methods that rehearse through a memory batch (ER, DER, DER++, GSS, A-GEM, FDR, HAL, LVT) take 19 steps per epoch
 on the task's 600 images, each with a memory batch of 32; replay and iCaRL train on the task's images and the
-memory together (25 steps at memory 200, 35 at 500); GEM uses its memory for its constraints. The rehearsal rows
-train a ResNet-18 of width 16 with the CIFAR stem (`base/small-resnet18`); LVT its small LVT. The backbone rows
-run the `er/fashion-mnist-b0inc2-<backbone>` presets (ER at memory 200, reservoir), whose backbones have the
-ResNet's parameter count within 5% (`base/<backbone>-fmnist-0.7m`; LeViT and CoaT need `pip install 'vitcl[timm]'`
-and a torchvision that imports). CPU: seconds of CPU time of the run's process, one torch thread.
+memory together (25 steps at memory 200, 35 at 500); GEM computes its constraints on its whole memory, augmented
+at every step. The rehearsal rows train a ResNet-18 of width 16 with the CIFAR stem (`base/small-resnet18`); LVT its
+small LVT. The backbone rows run the `er/fashion-mnist-b0inc2-<backbone>` presets (ER at memory 200, reservoir),
+whose backbones have the ResNet's parameter count within 5% (`base/<backbone>-fmnist-0.7m`; LeViT and CoaT need
+`pip install 'vitcl[timm]'` and a torchvision that imports). CPU: seconds of CPU time of the run's process, one
+torch thread.
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def test_a_regenerated_section_keeps_its_reading(tmp_path, monkeypatch):
 
 
 # the methods whose phase draws a separate rehearsal batch, which reads the memory's stored extras for some
-DRAWS_A_MEMORY_BATCH = {"er", "dark-er", "dark-er-pp", "agem", "fdr", "gss", "hal", "lvt"}
+DRAWS_A_MEMORY_BATCH = {"er", "dark-er", "dark-er-pp", "agem", "fdr", "gss", "hal", "lvt", "gem"}
 # the methods that train in the first task only (their later tasks update prototypes or statistics)
 FIRST_TASK_ONLY = {"aper", "ranpac", "simplecil"}
 

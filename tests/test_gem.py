@@ -70,34 +70,53 @@ def test_agem_projection_is_the_formula():
     assert torch.equal(agem_project(g, -ref), g)  # no conflict: the gradient as it is
 
 
-def test_gem_run_steps_with_gradients_that_keep_every_past_task(tmp_path):
-    cfg, _ = load_config(["gem/digits-b0inc2"], [*TINY, "method.eps=0"])
+@pytest.mark.parametrize("images", ["augmented", "plain"])
+def test_gem_run_steps_with_gradients_that_keep_every_past_task(tmp_path, images):
+    cfg, _ = load_config(["gem/digits-b0inc2"], [*TINY, "method.eps=0", f"method.memory_images={images}"])
     trainer = Trainer(cfg, tmp_path, progress=False)
     m = trainer.method
-    original, worst, calls = m.before_step, [], []
+    original, worst, calls, drawn = m.before_step, [], [], []
 
     def checked(batches, phase, task):
         original(batches, phase, task)
-        rows = m.memory.indices()
-        if not len(rows):
+        if not len(m.memory):
             return
         calls.append(task.index)
+        x, y, rows = m.memory_images(batches)
+        drawn.append(sorted(rows.tolist()) == sorted(m.memory.indices().tolist()))
         params = m.trainable()
         g = flat_grad(params)
-        labels = m.scenario.train_labels[rows]
-        past = torch.tensor([m.task_of(int(c)) for c in labels])
+        past = m.scenario.task_of_label[m.scenario.train_labels[rows]]
         assert past.unique().tolist() == list(range(task.index))
         for k in range(task.index):
-            gk = loss_gradient(m.model, params, m.images[past == k], labels[past == k])
+            gk = loss_gradient(m.model, params, x[past == k], y[past == k])
             worst.append(float(g @ gk) / float(gk.norm() * g.norm()))
 
     m.before_step = checked
     res = trainer.fit()
     assert res["tasks_done"] == 3 and calls.count(1) == 3 and calls.count(2) == 3
+    assert all(drawn)  # the constraints cover the whole memory at every step
     assert min(worst) > -1e-4  # BatchNorm's running statistics move between the two passes; train-mode stats don't
-    assert m.images.shape[0] == len(m.memory) == 30
+    assert len(m.memory) == 30 and m.images.shape[0] == (30 if images == "plain" else 0)
 
 
+def test_gem_draws_the_memory_through_the_training_augmentation(tmp_path):
+    """memory_images augmented (Mammoth's get_data with the training transform): the images of the same rows
+    differ from step to step; plain: the kept test-transformed images."""
+    cfg, _ = load_config(["gem/digits-b0inc2"], TINY)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    m = trainer.method
+    original, seen = m.before_step, []
+
+    def record(batches, phase, task):
+        x, _, rows = m.memory_images(batches)
+        if task.index == 1:
+            seen.append(x[torch.argsort(rows)].clone())
+        original(batches, phase, task)
+
+    m.before_step = record
+    trainer.fit()
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[1])
 def test_agem_run_draws_its_reference_batch(tmp_path):
     cfg, _ = load_config(["agem/digits-b0inc2"], TINY)
     trainer = Trainer(cfg, tmp_path, progress=False)

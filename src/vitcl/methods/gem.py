@@ -1,7 +1,8 @@
 """GEM (Lopez-Paz & Ranzato, NeurIPS 2017): gradient episodic memory (docs/methods/gem.md).
 
 Each step trains on the task's batch only. With g the step's gradient (all trainable parameters, flattened) and
-g_k the gradient of the cross-entropy on past task k's exemplars (un-augmented, the model in its current mode), a
+g_k the gradient of the cross-entropy on past task k's exemplars (the whole memory at every step, augmented like
+the task's batch as Mammoth draws it, or un-augmented with `memory_images: plain`; the model in its current mode), a
 step that violates <g, g_k> >= 0 for some k is replaced by the closest gradient that satisfies all of them, from the
 dual QP as Mammoth's models/gem.py solves it (`project_to_cone`):
     min_v 1/2 v^T (G G^T + eps I) v + (G g)^T v   s.t.  v >= margin,      g~ = G^T v + g
@@ -10,11 +11,13 @@ dual QP as Mammoth's models/gem.py solves it (`project_to_cone`):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import distributed
 from ..data.transfer import to_device
 from ..errors import ConfigError
 from .base import MethodOptions, register_method
@@ -25,6 +28,9 @@ from .finetune import Finetune
 class GEMOptions(MethodOptions):
     margin: float = 0.5  # Mammoth's --gamma
     eps: float = 1e-3  # ridge on the dual's Gram matrix (Mammoth's eps)
+    # the exemplars the constraints are computed on: drawn with the training augmentation at every step (Mammoth's
+    # buffer.get_data(..., transform)), or the un-augmented images kept at the task's end
+    memory_images: Literal["augmented", "plain"] = "augmented"
 
     def validate(self, key: str) -> None:
         if self.margin < 0:
@@ -103,35 +109,51 @@ class GEM(EpisodicMemory):
     def __init__(self, cfg, scenario, device):
         solve_qp()  # fail at build time, not at the second task
         super().__init__(cfg, scenario, device)
-        self.images = torch.empty(0)  # the memory's un-augmented images, row-aligned with memory.indices()
+        self.images = torch.empty(0)  # memory_images plain: the un-augmented images, row-aligned with indices()
 
     def phases(self, task):
-        return [replace(p, data="task") for p in super().phases(task)]
+        # augmented: the engine's memory batch is the whole memory, drawn afresh (crops, flips) every step
+        size = self.cfg.memory.size + self.cfg.memory.per_class * self.scenario.num_classes
+        size = size if self.opts.memory_images == "augmented" else 0
+        return [replace(p, data="task", memory_batch=size) for p in super().phases(task)]
 
     def update_memory(self, task, ctx):
         super().update_memory(task, ctx)
         rows = self.memory.indices()
-        self.images = ctx.extract(rows, lambda x: x).cpu() if len(rows) else torch.empty(0)
+        keep = len(rows) and self.opts.memory_images == "plain"
+        self.images = ctx.extract(rows, lambda x: x).cpu() if keep else torch.empty(0)
+
+    def memory_images(self, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images on the device, labels on the device, train-set rows on the host) of the memory this step."""
+        if self.opts.memory_images == "plain":
+            rows = self.memory.indices()
+            return (to_device(self.images, self.device), to_device(self.scenario.train_labels[rows], self.device),
+                    rows)
+        memory = [b.memory for b in batches if b.memory is not None]
+        if not memory:
+            return torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)
+        return (torch.cat([m.x for m in memory]), torch.cat([m.y for m in memory]),
+                torch.cat([m.index for m in memory]))
 
     def before_step(self, batches, phase, task):
-        rows = self.memory.indices()
-        if not len(rows):
+        if not len(self.memory) or not task.index:
             return
+        x, y, rows = self.memory_images(batches)
         params = self.trainable()
-        labels = self.scenario.train_labels[rows]
-        past = torch.as_tensor([self.task_of(int(c)) for c in labels.tolist()])
+        past = self.scenario.task_of_label[self.scenario.train_labels[rows]]  # on the host
         memories = []
-        for k in past.unique(sorted=True).tolist():
-            pick = past == k
-            x, y = to_device(self.images[pick], self.device), to_device(labels[pick], self.device)
-            memories.append(loss_gradient(self.model, params, x, y))
+        for k in range(task.index):  # every rank computes every past task's gradient (its share of the rows)
+            pick = (past == k).nonzero().flatten()
+            n = torch.full((), float(len(pick)), device=self.device)  # a fill: no copy from the host
+            gk = (loss_gradient(self.model, params, x[to_device(pick, x.device)], y[to_device(pick, y.device)]) * n
+                  if len(pick) else torch.zeros(sum(p.numel() for p in params), device=self.device))
+            if self.opts.memory_images == "augmented":  # the ranks' shares of the drawn memory, weighted by rows
+                gk, n = distributed.all_reduce_sum(gk), distributed.all_reduce_sum(n)
+            memories.append(gk / n)
         g = flat_grad(params)
         grads = torch.stack(memories)
         if bool((grads @ g < 0).any()):
             write_grad(params, project_to_cone(g, grads, self.opts.margin, self.opts.eps))
-
-    def task_of(self, label: int) -> int:
-        return next(t.index for t in self.scenario if label in t.labels)
 
     def extra_state(self) -> dict:
         return {"images": self.images}
