@@ -206,6 +206,29 @@ def test_checkpoint_with_a_namespace_loads_and_garbage_is_one_line(tmp_path):
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
 
 
+@torch.no_grad()
+def test_a_namespace_loads_without_safe_globals(tmp_path, monkeypatch):
+    """torch 2.4 has add_safe_globals but no safe_globals context: the checkpoint loads all the same."""
+    import argparse
+
+    added = []
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    original = torch.serialization.add_safe_globals
+    monkeypatch.setattr(torch.serialization, "add_safe_globals", lambda g: (added.extend(g), original(g)))
+    before = torch.serialization.get_safe_globals()
+    src = small_vit()
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=5e-4)}, tmp_path / "deit.pth")
+    dst = small_vit()
+    try:
+        load_pretrained(dst, str(tmp_path / "deit.pth"))
+    finally:  # the process-wide allowance is this test's only: the other tests load under safe_globals
+        torch.serialization.clear_safe_globals()
+        original(before)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(dst(x), src(x))
+    assert added == [argparse.Namespace]
+
+
 def test_timm_backbones_are_an_optional_extra():
     import importlib.util
 

@@ -106,6 +106,17 @@ def load_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
+def namespace_allowed():
+    """A weights-only load that accepts argparse.Namespace: DeiT's and DyTox's checkpoints keep their command line
+    as one beside the weights. torch >= 2.5 allows it for the load (`safe_globals`); torch 2.4 only for the whole
+    process (`add_safe_globals`), which is as harmless: a Namespace holds values, it runs nothing."""
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        return serialization.safe_globals([argparse.Namespace])
+    serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
 def read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".npz":
         with np.load(path) as data:
@@ -117,10 +128,7 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{path}: reading .safetensors needs the safetensors package") from None
         return load_file(str(path))
     try:
-        # DeiT's and DyTox's checkpoints keep their command line as an argparse.Namespace beside the weights
-        # (torch.serialization.safe_globals is torch >= 2.5; 2.4 reads such files with the Namespace refused)
-        allowed = getattr(torch.serialization, "safe_globals", None)
-        with allowed([argparse.Namespace]) if allowed else contextlib.nullcontext():
+        with namespace_allowed():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
         raise ConfigError(f"{path}: not a readable torch checkpoint ({load_failure(exc)})") from None
