@@ -86,6 +86,22 @@ def test_other_toolboxes_key_names_point_to_ours():
     # a synonym whose key this section lacks gets the plain message
     with pytest.raises(ConfigError, match=r"^data\.weights: unknown key; expected one of"):
         from_dict({"data": {"weights": 1}})
+    # Mammoth's names, in the sections and the method options
+    with pytest.raises(ConfigError, match=r"^memory\.buffer_size: unknown key; vitcl calls it memory\.size"):
+        from_dict({"memory": {"buffer_size": 200}})
+    with pytest.raises(ConfigError, match=r"^train\.n_epochs: unknown key; vitcl calls it train\.epochs"):
+        from_dict({"train": {"n_epochs": 5}})
+    with pytest.raises(ConfigError, match=r"^method\.minibatch_size: unknown key; vitcl calls it method\.memory_batch"):
+        load_config(["er/digits-b0inc2"], ["method.minibatch_size=32"])
+
+
+def test_a_misspelt_key_gets_the_closest_name():
+    with pytest.raises(ConfigError, match=r"^train\.epoch: unknown key; did you mean train\.epochs\? \(expected"):
+        from_dict({"train": {"epoch": 5}})
+    with pytest.raises(ConfigError, match=r"^trian: unknown key; did you mean train\?"):
+        from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match=r"^train\.zzz: unknown key; expected one of"):  # nothing close
+        from_dict({"train": {"zzz": 5}})
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -7,6 +7,7 @@ picks it, stacks presets and overrides, and runs the checks across sections. Eve
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -287,8 +288,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # names other toolboxes use for a key vitcl names differently: the error says which key to use
-KEY_SYNONYMS = {"weights": "pretrained", "checkpoint": "pretrained", "pretrained_weights": "pretrained",
-                "init_lr": "lr", "learning_rate": "lr", "num_epochs": "epochs", "batch": "batch_size"}
+# the names other toolboxes give vitcl's keys (DeiT/DyTox's command line, Mammoth's, PyCIL's and FACIL's options);
+# an unknown key found here points to vitcl's name when the section has it
+KEY_SYNONYMS = {
+    # model
+    "weights": "pretrained", "checkpoint": "pretrained", "pretrained_weights": "pretrained", "finetune": "pretrained",
+    "drop_path_rate": "drop_path", "drop_rate": "drop", "attn_drop_rate": "attn_drop",
+    # train
+    "init_lr": "lr", "learning_rate": "lr", "lrate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "nepochs": "epochs", "init_epoch": "first_task_epochs", "batch": "batch_size", "bs": "batch_size",
+    "opt": "optimizer", "optim": "optimizer", "sched": "schedule", "scheduler": "schedule", "clip_grad": "grad_clip",
+    "clipgrad": "grad_clip", "optim_wd": "weight_decay", "wd": "weight_decay", "optim_mom": "momentum",
+    "optim_nesterov": "nesterov", "decay_epochs": "lr_step", "decay_rate": "gamma", "lr_decay": "gamma",
+    # data and augmentation
+    "data_set": "dataset", "data_path": "root", "data_dir": "root", "input_size": "image_size",
+    "init_cls": "initial_increment", "base_increment": "initial_increment", "nc_first_task": "initial_increment",
+    "workers": "num_workers", "smoothing": "label_smoothing", "mixup": "mixup_alpha", "cutmix": "cutmix_alpha",
+    "aa": "randaugment",
+    # memory and method
+    "buffer_size": "size", "memory_size": "size", "mem_size": "size", "num_exemplars": "size",
+    "memory_per_class": "per_class", "num_exemplars_per_class": "per_class", "minibatch_size": "memory_batch",
+    "gamma": "margin",  # Mammoth's GEM
+    # run
+    "output_dir": "out_dir", "output": "out_dir",
+}
 
 
 def build(cls: type, data: Any, key: str = "") -> Any:
@@ -305,11 +328,15 @@ def build(cls: type, data: Any, key: str = "") -> Any:
     for k, v in data.items():
         path = f"{key}.{k}" if key else str(k)
         if k not in names:
-            close = ", ".join(sorted(names))
+            expected = ", ".join(sorted(names))
             usual = KEY_SYNONYMS.get(str(k))
             if usual in names:
-                raise ConfigError(f"{path}: unknown key; vitcl calls it {key}.{usual} (expected one of: {close})")
-            raise ConfigError(f"{path}: unknown key; expected one of: {close}")
+                raise ConfigError(f"{path}: unknown key; vitcl calls it {key}.{usual} (expected one of: {expected})")
+            close = difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.75)
+            if close:
+                where = f"{key}.{close[0]}" if key else close[0]
+                raise ConfigError(f"{path}: unknown key; did you mean {where}? (expected one of: {expected})")
+            raise ConfigError(f"{path}: unknown key; expected one of: {expected}")
         kwargs[k] = _coerce(v, hints[k], path)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
