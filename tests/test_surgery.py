@@ -67,6 +67,25 @@ def test_rkr_conv_matches_transcription():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("groups", [2, 4])  # 4: depthwise, as CvT's convolutional projections
+def test_rkr_grouped_conv_rectifies_each_groups_kernels(groups):
+    """A grouped conv's weight is (c_out, c_in / groups, k, k): the rectification has that shape, with c_in the
+    channels of one group."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=groups, bias=True)
+    layer = TaskLayer(conv, TaskParams(rank=2, sfg=True))
+    layer.add_task()
+    slot = layer.slots[0]
+    per_group = 4 // groups
+    lm, rm = slot["lm"][0], slot["rm"][0]
+    assert lm.shape == (3 * per_group, 2) and rm.shape == (2, 3 * 4)
+    x = torch.randn(2, 4, 5, 5)
+    w = conv.weight + slow_conv_rectification(lm, rm, 3, per_group, 4)
+    want = F.conv2d(x, w, conv.bias, 1, 1, 1, groups) * slot["f"].view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), want)
+
+
+@torch.no_grad()
 def test_rkr_fused_qkv_equals_three_separate_linears():
     torch.manual_seed(0)
     d = 6

@@ -10,7 +10,7 @@ For task t the layer computes
 
 - Piggyback: B(S_t) a binary mask, S_t real scores of W's shape, B = 1[S > 5e-3] with a straight-through gradient.
 - RKR: R_t = LM_t·RM_t of rank K (conv: LM (k·c_in)×K, RM K×(k·c_out), the product viewed as (k, k, c_in, c_out)
-  and permuted to (c_out, c_in, k, k); linear: R_t = (LM_t·RM_t)ᵀ with LM h_in×K, RM K×h_out); F_t a scale per
+  and permuted to (c_out, c_in, k, k), c_in the input channels per group: 1 for CvT's depthwise convs); linear: R_t = (LM_t·RM_t)ᵀ with LM h_in×K, RM K×h_out); F_t a scale per
   output channel (ones). A fused q,k,v Linear with `split=3` has separate factors per q, k and v (as for three
   Linears: 3·(768+768)·K rather than (768+2304)·K), which is what the ViT-B/16 per-task count 414,720 needs.
 - Mask-RKR: task 0 learns real LM_0, RM_0, F_0; task t >= 1 learns binary masks over them:
@@ -143,14 +143,14 @@ class TaskLayer(nn.Module):
         self.conv = isinstance(layer, nn.Conv2d)
         if isinstance(layer, nn.Conv2d):
             kh, kw = layer.kernel_size
-            if params.rank and (kh != kw or layer.groups != 1):
-                raise ConfigError(f"RKR needs square, ungrouped kernels; got {tuple(layer.kernel_size)}, "
-                                  f"groups {layer.groups}")
+            if params.rank and kh != kw:
+                raise ConfigError(f"RKR needs square kernels; got {tuple(layer.kernel_size)}")
             if split != 1:
                 raise ConfigError("a layer rule's split applies to Linear layers only")
             self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
             self.padding = layer.padding if isinstance(layer.padding, str) else tuple(layer.padding)
-            self.k, self.c_in, self.c_out = kh, layer.in_channels, layer.out_channels
+            # c_in: the input channels of each group (the weight's second dimension; 1 for a depthwise conv)
+            self.k, self.c_in, self.c_out = kh, layer.weight.shape[1], layer.out_channels
         else:
             self.c_in, self.c_out = layer.in_features, layer.out_features
             if self.c_out % split:
