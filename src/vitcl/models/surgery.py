@@ -10,9 +10,10 @@ For task t the layer computes
 
 - Piggyback: B(S_t) a binary mask, S_t real scores of W's shape, B = 1[S > 5e-3] with a straight-through gradient.
 - RKR: R_t = LM_t·RM_t of rank K (conv: LM (k·c_in)×K, RM K×(k·c_out), the product viewed as (k, k, c_in, c_out)
-  and permuted to (c_out, c_in, k, k), c_in the input channels per group: 1 for CvT's depthwise convs); linear: R_t = (LM_t·RM_t)ᵀ with LM h_in×K, RM K×h_out); F_t a scale per
-  output channel (ones). A fused q,k,v Linear with `split=3` has separate factors per q, k and v (as for three
-  Linears: 3·(768+768)·K rather than (768+2304)·K), which is what the ViT-B/16 per-task count 414,720 needs.
+  and permuted to (c_out, c_in, k, k), c_in the input channels per group: 1 for CvT's depthwise convs; linear:
+  R_t = (LM_t·RM_t)ᵀ with LM h_in×K, RM K×h_out); F_t a scale per output channel (ones). A fused q,k,v Linear
+  with `split=3` has separate factors per q, k and v (as for three Linears: 3·(768+768)·K rather than
+  (768+2304)·K), which is what the ViT-B/16 per-task count 414,720 needs.
 - Mask-RKR: task 0 learns real LM_0, RM_0, F_0; task t >= 1 learns binary masks over them:
   LM_t = B(S^LM_t) ⊙ LM_0 and so on. Variants per `TaskParams.later` / `sfg_later`; with real per-task F_t
   (`sfg_later="real"`), `sfg_spare` also keeps a shared F_0 that no task uses or trains, as the public ViT and Swin
