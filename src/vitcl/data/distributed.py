@@ -62,6 +62,27 @@ def average_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = N
     return flat[-1]
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average the running statistics of the batch norms (every buffer named running_mean or running_var) over ranks
+    in one bucket. Without it each rank keeps the statistics of its own shares of the batches, and the ranks
+    evaluate, select exemplars and checkpoint with different models (timm's distribute_bn 'reduce'; DDP's
+    broadcast_buffers would keep rank 0's instead). Other buffers (projections, prototypes) are the same on every
+    rank by construction and are left untouched."""
+    if not dist.is_initialized():
+        return
+    buffers = [b for name, b in module.named_buffers()
+               if name.rsplit(".", 1)[-1] in ("running_mean", "running_var") and b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().flatten().float() for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 def all_gather_rows(t: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Concatenate every rank's rows (rank order); counts[r] is the number of rows rank r holds."""
     if not dist.is_initialized():

@@ -348,6 +348,7 @@ class Trainer:
             set_lr(optimizer, lr_at(phase.optim, phase.epochs, epoch))
             self.progress.start_epoch()
             loss = self.train_epoch(task, p, phase, epoch, indices, optimizer, params, label)
+            dist.average_buffers(self.method.model)  # one set of BatchNorm statistics for every rank
             epoch_seconds, epoch_images_per_s = self.progress.epoch_seconds, self.progress.epoch_throughput
             s.epoch = epoch + 1
             s.task_time = time.perf_counter() - task_t0

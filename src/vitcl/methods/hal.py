@@ -152,22 +152,25 @@ class HAL(StreamReplay):
         if not len(self.memory):
             return
         lr = self.phases(task)[0].lr  # the training lr (Mammoth's args.lr), as the phase scales it
-        tuned = self.finetuned(ctx, lr)
         labels = torch.arange(task.offset, task.end, device=self.device)
+        # drawn before any augmentation: each rank augments its own share of the rows, and so leaves the global
+        # generator in its own state, while the noise and the rows must be every rank's
         start = torch.rand((len(labels), *self.anchors.shape[1:])).to(self.device)  # Mammoth: uniform [0, 1)
+        draws = [torch.randperm(len(self.memory))[: self.cfg.train.batch_size] for _ in range(self.opts.finetune_steps)]
+        tuned = self.finetuned(ctx, lr, draws)
         means = self.means[labels] if self.opts.feature_mean == "class" else self.means[[0] * len(labels)]
         anchors = self.ascend(start, labels, tuned, means, self.opts.anchor_lr or lr)
         self.anchors = torch.cat([self.anchors, anchors])
         self.anchor_labels = torch.cat([self.anchor_labels, labels])
 
-    def finetuned(self, ctx, lr: float) -> torch.nn.Module:
-        """theta_M: a copy of the model after `finetune_steps` SGD steps (train mode) on augmented memory batches,
-        returned in eval mode."""
+    def finetuned(self, ctx, lr: float, draws: list[torch.Tensor]) -> torch.nn.Module:
+        """theta_M: a copy of the model after one SGD step (train mode) per draw of memory positions, on augmented
+        memory batches, returned in eval mode with its BatchNorm statistics averaged over ranks."""
         tuned = copy.deepcopy(self.model).train()
         params = [p for p in tuned.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=lr)
-        for _ in range(self.opts.finetune_steps):
-            rows = self.memory.indices()[torch.randperm(len(self.memory))[: self.cfg.train.batch_size]]
+        for positions in draws:
+            rows = self.memory.indices()[positions]
             opt.zero_grad(set_to_none=False)
             for p in params:
                 p.grad = torch.zeros_like(p)  # every rank reduces every gradient, even one that holds no rows
@@ -177,6 +180,7 @@ class HAL(StreamReplay):
             for p in params:
                 ctx.reduce_sum(p.grad)
             opt.step()
+        distributed.average_buffers(tuned)  # each rank normalised its own share of the rows
         return tuned.eval()
 
     def ascend(self, start: torch.Tensor, labels: torch.Tensor, tuned: torch.nn.Module,
