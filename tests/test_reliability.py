@@ -195,6 +195,18 @@ def test_a_stop_during_start_up_is_one_line(tmp_path, signals, code, name):
     assert one_line(err) == f"vitcl: {name}"
 
 
+def test_a_reader_that_leaves_early_is_quiet_and_exits_141():
+    # `vitcl presets | head -1`: the pipe is closed before vitcl writes; no traceback, SIGPIPE's exit status
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen([sys.executable, "-m", "vitcl", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode == 128 + signal.SIGPIPE and err == ""
+
+
 def test_sigterm_during_training_keeps_a_checkpoint_says_how_to_resume_and_exits_143(tmp_path):
     proc = _popen("run", *SMALL, "train.epochs=3", f"run.out_dir={tmp_path}", "run.name=x", "-q")
     last = tmp_path / "x" / "checkpoints" / "last.pt"

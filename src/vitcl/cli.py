@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -58,6 +59,14 @@ def _stop_code() -> int:
 
 def _stop_name() -> str:
     return "terminated (SIGTERM)" if _stop_code() == 128 + signal.SIGTERM else "interrupted"
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what the closed pipe did not take
+    raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _install_stop_handlers() -> dict:
@@ -577,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before training started (or after it ended): nothing to keep
         print(f"vitcl: {_stop_name()}", file=sys.stderr)
         return _stop_code()
+    except BrokenPipeError:  # the reader of stdout left (`vitcl presets | head`): quiet, as a tool killed by SIGPIPE
+        _detach_stdout()
+        return 128 + signal.SIGPIPE
     finally:
         if not _stopped_by:  # after a stop signal they stay ignored: a repeated Ctrl-C must not break the exit
             for sig, handler in previous.items():
