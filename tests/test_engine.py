@@ -143,6 +143,9 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["run", "train.epochz=1"], "train.epochz: unknown key"),
     (["run", "no/such-preset"], "no/such-preset: no such preset"),
+    (["run", "dytox/cifar100-b0inc1O"], "did you mean dytox/cifar100-b0inc10 or"),  # the closest name first
+    (["run", "replay/digits-b0inc2", "overlay/fast"], "overlay/fast: no such preset or YAML file; did you mean "
+                                                      "overlays/fast?"),
     (["run", "data.class_order=[0,1,1,2,3,4,5,6,7,8]"], "data.class_order: classes [1] appear more than once"),
     (["run", "data.increment=3"], "data.increment: 7 classes after the first task do not split"),
     (["resume", "/nonexistent/run"], "config.yaml: not found"),

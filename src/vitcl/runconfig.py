@@ -6,6 +6,7 @@ the command line; `vitcl.config` below it holds only the typed sections.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,10 @@ def resolve_source(source: str) -> Path:
         raise ConfigError(f"{source}: config file not found")
     if source.split(".")[0] in SECTIONS and "." in source and "/" not in source:
         raise ConfigError(f"{source}: looks like an override without a value; write {source}=VALUE")
-    raise ConfigError(f"{source}: no such preset or YAML file (see `vitcl presets`)")
+    stackable = [p.relative_to(PRESET_DIR).with_suffix("").as_posix() for p in PRESET_DIR.rglob("*.yaml")]
+    close = difflib.get_close_matches(source, stackable, n=3, cutoff=0.8)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"{source}: no such preset or YAML file{hint} (see `vitcl presets`)")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
