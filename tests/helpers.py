@@ -14,6 +14,28 @@ TINY = [
 ]
 
 
+# backbones a method built for ResNets (BiC, E2E, WA) must also run on: tiny enough for a two-task run in seconds
+SMALL_BACKBONES = {
+    "resnet32": ["model.name=resnet32"],
+    "vit": ["model.name=vit", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"],
+    "convit": ["model.name=convit", "model.patch_size=2", "model.embed_dim=16", "model.num_heads=2", "model.depth=2",
+               "model.local_up_to_layer=1"],
+}
+
+
+def fit_on_backbone(preset: str, backbone: str, out: Path, *extra: str) -> dict:
+    """The results of a two-task digits run (8 training images per class, one epoch) of `preset` on one of
+    SMALL_BACKBONES."""
+    from vitcl.engine.trainer import Trainer
+    from vitcl.runconfig import load_config
+
+    cfg, _ = load_config([preset], ["data.train_per_class=8", "data.test_per_class=4", "data.increment=[5,5]",
+                                    "train.epochs=1", "train.batch_size=16", "memory.size=40", "run.progress=false",
+                                    "run.threads=1", f"run.out_dir={out}", *extra, *SMALL_BACKBONES[backbone]])
+    (out / "r").mkdir()
+    return Trainer(cfg, out / "r", progress=False).fit()
+
+
 def run_cli(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "vitcl", *args], capture_output=True, text=True, env=env, **kwargs)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import SMALL_BACKBONES, fit_on_backbone
 from vitcl.engine.trainer import Trainer
 from vitcl.methods.base import Batch
 from vitcl.methods.bic import bias_correction, holdout_split, split_seed
@@ -159,20 +160,9 @@ def test_presets_build(preset):
         assert rows[-1]["growth"] == rows[1]["growth"] * 9  # a head and one (alpha, beta) per task
 
 
-BACKBONES = {"resnet32": ["model.name=resnet32"],
-             "vit": ["model.name=vit", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"],
-             "convit": ["model.name=convit", "model.patch_size=2", "model.embed_dim=16", "model.num_heads=2",
-                        "model.depth=2", "model.local_up_to_layer=1"]}
-
-
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("backbone", sorted(SMALL_BACKBONES))
 def test_other_backbones(tmp_path, backbone):
-    cfg, _ = load_config(["bic/digits-b0inc2"], ["data.train_per_class=8", "data.test_per_class=4",
-                                                "data.increment=[5,5]", "train.epochs=1", "train.batch_size=16",
-                                                "memory.size=40", "run.progress=false", "run.threads=1",
-                                                f"run.out_dir={tmp_path}", *BACKBONES[backbone]])
-    (tmp_path / "r").mkdir()
-    res = Trainer(cfg, tmp_path / "r", progress=False).fit()
+    res = fit_on_backbone("bic/digits-b0inc2", backbone, tmp_path)
     assert res["tasks_done"] == 2 and len(res["class_il"]["seen_acc"]) == 2
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import SMALL_BACKBONES, fit_on_backbone
 from vitcl.cli import main, param_rows
 from vitcl.engine.trainer import Trainer
 from vitcl.methods.losses import grouped_distillation, soft_distillation
@@ -157,20 +158,9 @@ def test_params_cli_prints_the_tables_count(capsys):
     assert "11.22" in capsys.readouterr().out.splitlines()[-1]
 
 
-BACKBONES = {"resnet32": ["model.name=resnet32"],
-             "vit": ["model.name=vit", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"],
-             "convit": ["model.name=convit", "model.patch_size=2", "model.embed_dim=16", "model.num_heads=2",
-                        "model.depth=2", "model.local_up_to_layer=1"]}
-
-
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("backbone", sorted(SMALL_BACKBONES))
 def test_other_backbones(tmp_path, backbone):
-    cfg, _ = load_config(["wa/digits-b0inc2"], ["data.train_per_class=8", "data.test_per_class=4",
-                                                "data.increment=[5,5]", "train.epochs=1", "train.batch_size=16",
-                                                "memory.size=40", "run.progress=false", "run.threads=1",
-                                                f"run.out_dir={tmp_path}", *BACKBONES[backbone]])
-    (tmp_path / "r").mkdir()
-    res = Trainer(cfg, tmp_path / "r", progress=False).fit()
+    res = fit_on_backbone("wa/digits-b0inc2", backbone, tmp_path)
     assert res["tasks_done"] == 2 and len(res["class_il"]["seen_acc"]) == 2
 
 
