@@ -10,6 +10,10 @@
 #
 #     bash benchmarks/gpu/check.sh [OUT_DIR]      (default runs/gpu-check)
 #
+# It stays under one device call (10 minutes). With device time left after it, a second call (at most 3 minutes):
+#     python3 benchmarks/compile_token_shapes.py --tasks 1,2,3,5,9,10 --batch 128 --steps 10 --warmup 3 \
+#         --precision bf16      (the compiled decoder, token count dynamic or padded to power-of-two buckets)
+#
 # Each part's output is in OUT_DIR/<part>.log; the Markdown tables end the bench and epoch logs, ready for
 # BENCHMARKS.md (sections "Training throughput on <device>" and "One epoch of CIFAR-shaped data on <device>").
 set -o pipefail
