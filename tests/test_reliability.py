@@ -1,6 +1,7 @@
 """Nothing silent, nothing lost: one-line errors instead of tracebacks, stopping on Ctrl-C and SIGTERM, metrics
 that a resume leaves exactly as an uninterrupted run writes them, and a resume on another number of processes."""
 import errno
+import io
 import json
 import os
 import shutil
@@ -205,6 +206,15 @@ def test_a_reader_that_leaves_early_is_quiet_and_exits_141():
     proc.wait(timeout=60)
     proc.stderr.close()
     assert proc.returncode == 128 + signal.SIGPIPE and err == ""
+
+
+def test_a_closed_stand_in_for_stdout_exits_141_too(monkeypatch):
+    class Closed(io.StringIO):  # no file descriptor to point at /dev/null, as in a notebook
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert cli.main(["presets"]) == 128 + signal.SIGPIPE
 
 
 def test_sigterm_during_training_keeps_a_checkpoint_says_how_to_resume_and_exits_143(tmp_path):
