@@ -100,3 +100,12 @@ def test_presets_cli_lists_the_published_cells(capsys):
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["lpa/cifar100-b10inc10"].endswith("last 65.27, avg 76.5, forgetting 11.2")
     assert lines["finetune/digits-b0inc2"] == "-"
+
+
+def test_presets_cli_keeps_the_names_with_every_term(capsys):
+    assert main(["presets", "lvt", "fashion"]) == 0
+    assert capsys.readouterr().out.split() == ["lvt/fashion-mnist-b0inc2"]
+    assert main(["presets", "dytox/", "imagenet1000", "--published"]) == 0
+    assert capsys.readouterr().out.startswith("dytox/imagenet1000-b0inc100: DyTox erratum")
+    assert main(["presets", "lvt", "imagenet1000"]) == 2
+    assert "no preset name contains 'lvt' and 'imagenet1000'" in capsys.readouterr().err

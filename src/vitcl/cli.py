@@ -488,9 +488,14 @@ def _verify_dataset(name: str, root: str | None, workers: int) -> int:
 
 
 def cmd_presets(args) -> int:
+    from .errors import ConfigError
     from .runconfig import load_source, preset_names
 
-    for name in preset_names():
+    names = [n for n in preset_names() if all(term in n for term in args.terms)]
+    if not names:
+        raise ConfigError(f"no preset name contains {' and '.join(repr(t) for t in args.terms)} "
+                          "(`vitcl presets` lists them all)")
+    for name in names:
         if not args.published:
             print(name)
             continue
@@ -553,6 +558,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2, help="decoding processes for --verify (default: 2)")
     r.set_defaults(fn=cmd_datasets)
     r = sub.add_parser("presets", help="list the preset configs")
+    r.add_argument("terms", nargs="*", help="only the names that contain every one of these (dytox cifar100)")
     r.add_argument("--published", action="store_true", help="with the published cell each preset aims at")
     r.set_defaults(fn=cmd_presets)
     _add_sweep_parser(sub)
