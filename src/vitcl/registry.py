@@ -1,6 +1,7 @@
 """Name -> factory registries for models, methods, sources and memory selectors."""
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -26,7 +27,9 @@ class Registry(Generic[T]):
     def get(self, name: str, key: str | None = None) -> T:
         if name not in self._items:
             where = f"{key}: " if key else ""
-            raise ConfigError(f"{where}unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}")
+            close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.75)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{where}unknown {self.kind} '{name}'; {hint}expected one of: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 
 from ..errors import ConfigError
@@ -107,5 +109,8 @@ def resolve_class_order(spec, n_classes: int, seed: int) -> list[int]:
         if n != n_classes:
             raise ConfigError(f"data.class_order: '{spec}' orders {n} classes but the dataset has {n_classes}")
         return list(order)
-    names = ", ".join(["random", *sorted(NAMED_ORDERS)])
-    raise ConfigError(f"data.class_order: unknown order '{spec}'; expected a list of classes or one of: {names}")
+    known = ["random", *sorted(NAMED_ORDERS)]
+    close = difflib.get_close_matches(str(spec), known, n=1, cutoff=0.75)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"data.class_order: unknown order '{spec}'; {hint}expected a list of classes or one of: "
+                      f"{', '.join(known)}")
