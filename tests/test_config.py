@@ -1,6 +1,5 @@
 import pytest
 
-from vitcl.data.build import build_scenario
 from vitcl.errors import ConfigError
 from vitcl.runconfig import from_dict, load_config, parse_override, preset_names
 
@@ -109,16 +108,13 @@ def test_a_misspelt_name_gets_the_closest_registered_one():
     for override, message in (
             ("method.name=dytx", r"^method\.name: unknown method 'dytx'; did you mean 'dytox'\? expected one of: "),
             ("model.name=resnt18", r"^model\.name: unknown model 'resnt18'; did you mean 'resnet18'\?"),
-            ("method.name=xyz", r"^method\.name: unknown method 'xyz'; expected one of: ")):  # nothing close
-        with pytest.raises(ConfigError, match=message):
-            load_config(["replay/digits-b0inc2"], [override])
-    # the data's names are resolved when the scenario is built
-    for override, message in (
             ("data.dataset=cifar-100", r"^data\.dataset: unknown dataset 'cifar-100'; did you mean 'cifar100'\?"),
-            ("data.class_order=cifar100-ordr2", r"unknown order 'cifar100-ordr2'; did you mean 'cifar100-order2'\?")):
-        cfg, _ = load_config(["replay/digits-b0inc2"], [override])
-        with pytest.raises(ConfigError, match=message):
-            build_scenario(cfg.data)
+            ("data.datasets=[digits,fashon-mnist]", r"^data\.datasets\[1\]: unknown dataset 'fashon-mnist'; did you "
+                                                   r"mean 'fashion-mnist'\?"),
+            ("data.class_order=cifar100-ordr2", r"unknown order 'cifar100-ordr2'; did you mean 'cifar100-order2'\?"),
+            ("method.name=xyz", r"^method\.name: unknown method 'xyz'; expected one of: ")):  # nothing close
+        with pytest.raises(ConfigError, match=message):  # found with the config, before any file is read
+            load_config(["replay/digits-b0inc2"], [override])
 
 
 def test_missing_and_broken_files(tmp_path):

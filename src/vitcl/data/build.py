@@ -6,9 +6,19 @@ import torch
 from ..config import DataConfig
 from ..errors import ConfigError
 from .dataset import ConcatReader, ImageSet, fit_images, per_class_head
-from .orders import resolve_class_order
+from .orders import check_order_name, resolve_class_order
 from .scenario import Scenario, check_class_order, make_increments
 from .sources import get_source
+
+
+def check_names(cfg: DataConfig) -> None:
+    """What a data config names that needs no file to check: its dataset(s) and a named class order."""
+    if cfg.datasets:
+        for i, name in enumerate(cfg.datasets):
+            get_source(name, f"data.datasets[{i}]")
+    else:
+        get_source(cfg.dataset)
+    check_order_name(cfg.class_order)
 
 
 def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:

@@ -104,11 +104,17 @@ def resolve_class_order(spec, n_classes: int, seed: int) -> list[int]:
         return list(spec)
     if spec == "random":
         return seeded_permutation(n_classes, seed)
-    if spec in NAMED_ORDERS:
-        n, order = NAMED_ORDERS[spec]
-        if n != n_classes:
-            raise ConfigError(f"data.class_order: '{spec}' orders {n} classes but the dataset has {n_classes}")
-        return list(order)
+    check_order_name(spec)
+    n, order = NAMED_ORDERS[spec]
+    if n != n_classes:
+        raise ConfigError(f"data.class_order: '{spec}' orders {n} classes but the dataset has {n_classes}")
+    return list(order)
+
+
+def check_order_name(spec) -> None:
+    """A ConfigError unless `spec` is a class order resolve_class_order takes: None, a list, or a known name."""
+    if spec is None or isinstance(spec, list) or spec == "random" or spec in NAMED_ORDERS:
+        return
     known = ["random", *sorted(NAMED_ORDERS)]
     close = difflib.get_close_matches(str(spec), known, n=1, cutoff=0.75)
     hint = f"did you mean '{close[0]}'? " if close else ""
