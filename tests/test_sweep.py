@@ -112,6 +112,7 @@ def test_interrupted_sweep_resumes(tmp_path, capsys, monkeypatch):
     (["--grid", "run.seed=0,1", "--grid", "run.seed=2"], "given twice"),
     (["--grid", "train.epochs=1,x"], "train.epochs"),
     (["--grid", "data.dataset=digits,digts"], "did you mean 'digits'"),  # a name: checked with no file read
+    (["--grid", "data.increment=5,3"], "data.increment: 7 classes after the first task do not split"),
 ])
 def test_bad_grid_is_one_line_before_anything_runs(tmp_path, capsys, grid, expected):
     out = tmp_path / "sw"

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, build
-from .data.build import check_names
+from .data.build import check_without_files
 from .data.randaugment import parse_policy
 from .errors import ConfigError, VitclError
 from .methods import METHODS
@@ -171,7 +171,7 @@ def from_dict(raw: dict) -> Config:
     cfg.model = _build_named(MODELS, model_raw, "model")
     cfg.method = _build_named(METHODS, method_raw, "method")
     validate(cfg)
-    check_names(cfg.data)
+    check_without_files(cfg.data)
     check = getattr(METHODS.get(cfg.method.name, "method.name"), "check", None)
     if check is not None:
         check(cfg)

@@ -8,17 +8,27 @@ from ..errors import ConfigError
 from .dataset import ConcatReader, ImageSet, fit_images, per_class_head
 from .orders import check_order_name, resolve_class_order
 from .scenario import Scenario, check_class_order, make_increments
-from .sources import get_source
+from .sources import Source, get_source
 
 
-def check_names(cfg: DataConfig) -> None:
-    """What a data config names that needs no file to check: its dataset(s) and a named class order."""
+def check_without_files(cfg: DataConfig) -> None:
+    """What of a data config can be checked before any file is read: the data set names, a named class order
+    and, where the source's class count is fixed (not counted from folders), the class order and the split."""
     if cfg.datasets:
         for i, name in enumerate(cfg.datasets):
             get_source(name, f"data.datasets[{i}]")
-    else:
-        get_source(cfg.dataset)
+        return
+    source = get_source(cfg.dataset)
     check_order_name(cfg.class_order)
+    if type(source).count_classes is Source.count_classes:
+        plan_classes(cfg, source.num_classes)
+
+
+def plan_classes(cfg: DataConfig, n_classes: int) -> tuple[list[int], list[int]]:
+    """The class order and the classes per task of a dataset of n_classes."""
+    order = resolve_class_order(cfg.class_order, n_classes, cfg.class_order_seed)
+    check_class_order(order, n_classes)
+    return order, make_increments(len(order), cfg.initial_increment, cfg.increment)
 
 
 def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:
@@ -32,9 +42,7 @@ def build_scenario(cfg: DataConfig, shapes_only: bool = False) -> Scenario:
     channels = cfg.channels or source.channels
     train, test = _fit(train, size, channels, cfg.resize), _fit(test, size, channels, cfg.resize)
     n = source.count_classes(cfg.root)
-    order = resolve_class_order(cfg.class_order, n, cfg.class_order_seed)
-    check_class_order(order, n)
-    increments = make_increments(len(order), cfg.initial_increment, cfg.increment)
+    order, increments = plan_classes(cfg, n)
     names = train.class_names or [str(c) for c in range(n)]
     scenario = Scenario(train, test, order, increments, cfg.setting, [names[c] for c in order])
     scenario.mean, scenario.std = _stats(source, channels)
