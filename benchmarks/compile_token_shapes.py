@@ -49,11 +49,10 @@ def padded_forward_features(self, x):
 def worker(design: str, preset: str, tasks: list[int], precision: str, batch: int, steps: int, warmup: int,
            overrides: list[str]) -> None:
     """One design, every task count in turn; a JSON line per count on stdout."""
-    import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from vitcl.bench import bench_config, measure
+    from vitcl.bench import bench_config, bench_device, measure
     from vitcl.models import dytox
 
     if design == "buckets":
@@ -61,10 +60,7 @@ def worker(design: str, preset: str, tasks: list[int], precision: str, batch: in
         # a graph per bucket and kind of call (training, frozen encoder, teacher, evaluation): past dynamo's 8
         torch._dynamo.config.recompile_limit = 64
     cfg, scenario = bench_config([preset], overrides, max(tasks))
-    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    device = bench_device(cfg)
     counters.clear()
     for n in tasks:
         t0 = time.perf_counter()

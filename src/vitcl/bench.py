@@ -302,6 +302,15 @@ def infer_rate(method, precision: str, batch: int, steps: int, warmup: int, devi
     return batch / _timed(infer, steps, warmup, device)
 
 
+def bench_device(cfg) -> torch.device:
+    """The device a bench of `cfg` measures on (run.device; auto: CUDA when there is one), with its threads set."""
+    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return device
+
+
 def run_bench(sources: list[str], overrides: list[str], tasks: list[int], precisions: list[str],
               compile_modes: list[bool], batch: int | None, steps: int, warmup: int, say=print) -> tuple[list, str]:
     """Every (tasks, precision, compile) row; `say` gets a line per row as it is measured."""
@@ -313,10 +322,7 @@ def run_bench(sources: list[str], overrides: list[str], tasks: list[int], precis
     cfg, scenario = bench_config(sources, overrides, max(tasks))
     if max(tasks) > len(scenario):
         raise ConfigError(f"--tasks: the scenario has {len(scenario)} tasks, fewer than {max(tasks)}")
-    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    device = bench_device(cfg)
     size = batch or cfg.train.batch_size
     rows = []
     for n in tasks:

@@ -7,14 +7,13 @@ picks it, stacks presets and overrides, and runs the checks across sections. Eve
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, closest
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -332,7 +331,7 @@ def build(cls: type, data: Any, key: str = "") -> Any:
             usual = KEY_SYNONYMS.get(str(k))
             if usual in names:
                 raise ConfigError(f"{path}: unknown key; vitcl calls it {key}.{usual} (expected one of: {expected})")
-            close = difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.75)
+            close = closest(k, sorted(names))
             if close:
                 where = f"{key}.{close[0]}" if key else close[0]
                 raise ConfigError(f"{path}: unknown key; did you mean {where}? (expected one of: {expected})")

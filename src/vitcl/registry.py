@@ -1,11 +1,10 @@
 """Name -> factory registries for models, methods, sources and memory selectors."""
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -27,9 +26,8 @@ class Registry(Generic[T]):
     def get(self, name: str, key: str | None = None) -> T:
         if name not in self._items:
             where = f"{key}: " if key else ""
-            close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.75)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"{where}unknown {self.kind} '{name}'; {hint}expected one of: {', '.join(self.names())}")
+            raise ConfigError(f"{where}unknown {self.kind} '{name}'; {did_you_mean(name, self.names())}expected one "
+                              f"of: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -6,7 +6,6 @@ the command line; `vitcl.config` below it holds only the typed sections.
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 from .config import Config, build
 from .data.build import check_without_files
 from .data.randaugment import parse_policy
-from .errors import ConfigError, VitclError
+from .errors import ConfigError, VitclError, closest
 from .methods import METHODS
 from .models import MODELS
 from .registry import Registry
@@ -28,14 +27,14 @@ RUN_CONFIG = "config.yaml"  # in a run folder: the resolved config, with the sou
 
 
 # --------------------------------------------------------------------------------------------- presets and files
+def config_names() -> list[str]:
+    """Every YAML under configs/ by the name a command line gives it: the presets, fragments and overlays."""
+    return [p.relative_to(PRESET_DIR).with_suffix("").as_posix() for p in sorted(PRESET_DIR.rglob("*.yaml"))]
+
+
 def preset_names() -> list[str]:
     """Runnable presets: every YAML under configs/ except the fragments in data/ and base/ and the overlays/."""
-    names = []
-    for path in sorted(PRESET_DIR.rglob("*.yaml")):
-        rel = path.relative_to(PRESET_DIR).with_suffix("").as_posix()
-        if rel.split("/")[0] not in ("data", "base", "overlays"):
-            names.append(rel)
-    return names
+    return [name for name in config_names() if name.split("/")[0] not in ("data", "base", "overlays")]
 
 
 def resolve_source(source: str) -> Path:
@@ -49,8 +48,7 @@ def resolve_source(source: str) -> Path:
         raise ConfigError(f"{source}: config file not found")
     if source.split(".")[0] in SECTIONS and "." in source and "/" not in source:
         raise ConfigError(f"{source}: looks like an override without a value; write {source}=VALUE")
-    stackable = [p.relative_to(PRESET_DIR).with_suffix("").as_posix() for p in PRESET_DIR.rglob("*.yaml")]
-    close = difflib.get_close_matches(source, stackable, n=3, cutoff=0.8)
+    close = closest(source, config_names(), n=3, cutoff=0.8)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise ConfigError(f"{source}: no such preset or YAML file{hint} (see `vitcl presets`)")
 

@@ -19,9 +19,10 @@ def check_without_files(cfg: DataConfig) -> None:
             get_source(name, f"data.datasets[{i}]")
         return
     source = get_source(cfg.dataset)
-    check_order_name(cfg.class_order)
     if type(source).count_classes is Source.count_classes:
-        plan_classes(cfg, source.num_classes)
+        plan_classes(cfg, source.num_classes)  # the order's name included
+    else:
+        check_order_name(cfg.class_order)
 
 
 def plan_classes(cfg: DataConfig, n_classes: int) -> tuple[list[int], list[int]]:

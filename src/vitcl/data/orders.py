@@ -9,11 +9,9 @@
 """
 from __future__ import annotations
 
-import difflib
-
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 def seeded_permutation(n_classes: int, seed: int) -> list[int]:
@@ -116,7 +114,5 @@ def check_order_name(spec) -> None:
     if spec is None or isinstance(spec, list) or spec == "random" or spec in NAMED_ORDERS:
         return
     known = ["random", *sorted(NAMED_ORDERS)]
-    close = difflib.get_close_matches(str(spec), known, n=1, cutoff=0.75)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(f"data.class_order: unknown order '{spec}'; {hint}expected a list of classes or one of: "
-                      f"{', '.join(known)}")
+    raise ConfigError(f"data.class_order: unknown order '{spec}'; {did_you_mean(spec, known)}expected a list of "
+                      f"classes or one of: {', '.join(known)}")
